@@ -32,6 +32,7 @@ def extract(
     noise_on: Annotated[str, typer.Option(help="image | text | both")] = "both",
     empty: Annotated[Optional[str], typer.Option(help="text (every text empty) | image (a blank image)")] = None,
     seed: Annotated[int, typer.Option(help="Seeds input-level noise.")] = 0,
+    devices: Annotated[Optional[str], typer.Option(help="Launch one rank per entry under torchrun --standalone with these arguments: 0,1 (a GPU each), 0,0 (ranks sharing GPU 0), cpu,cpu.")] = None,
 ):
     """Run the frozen encoders once and write last-layer states to a sharded Zarr cache.
 
@@ -39,6 +40,15 @@ def extract(
 
     Example: molt extract --dataset snli-ve --root /data/snli-ve --text hf:/models/llama-7b --image open_clip:ViT-L-14 --image-weights /models/vit-l-14.bin
     """
+    if devices is not None:
+        from cli.launch import run_ranks
+
+        options = {k: v for k, v in locals().items() if k not in ("devices", "device")}
+        with user_errors():
+            if device != "auto":
+                raise ValueError(f"--devices {devices} sets each rank's device; drop --device {device}")
+            code = run_ranks(devices, "extract", options)
+        raise typer.Exit(code)
     from molt_cache.extract import extract as run
 
     with user_errors():
