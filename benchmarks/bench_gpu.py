@@ -123,8 +123,8 @@ SIZES = {
                    scale_args=("--preset", "paper", "--no-memory"), rank_dtypes=("float32",),
                    timeouts={"cuda_tests": 150, "stage_two": 120, "ranks": 90}),
     "tiny": Sizes("tiny", peak_n=256, peak_repeats=5, text_config=TOY_LLAMA, text_dtypes=("bfloat16", "float32"),
-                  text_count=256, text_tokens=(8, 22), batch_tokens=1024, image_model="tiny:vit",
-                  image_count=32, image_batch=16, online_batches=2, online_batch=16, extract_images=6,
+                  text_count=48, text_tokens=(8, 22), batch_tokens=1024, image_model="tiny:vit",
+                  image_count=16, image_batch=16, online_batches=2, online_batch=8, extract_images=4,
                   pairs_per_image=18, text_repeat=0.05, num_workers=0,
                   scale_args=("--preset", "tiny", "--no-memory"), rank_dtypes=("float32",),
                   timeouts={"cuda_tests": 120, "stage_two": 120, "ranks": 120}),
@@ -288,7 +288,7 @@ def step_peak(ctx: dict) -> dict:
     torch = _torch()
     s, dev = ctx["sizes"], ctx["device"]
     out = {"n": s.peak_n}
-    for name, dt in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+    for name, dt in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)):
         g = torch.Generator(device=dev).manual_seed(0)
         sets = [(torch.randn(s.peak_n, s.peak_n, device=dev, dtype=dt, generator=g),
                  torch.randn(s.peak_n, s.peak_n, device=dev, dtype=dt, generator=g)) for _ in range(2)]
@@ -298,7 +298,11 @@ def step_peak(ctx: dict) -> dict:
         med = statistics.median(times)
         out[name] = {"tflops": 2 * s.peak_n ** 3 / med / 1e12, "median_ms": med * 1e3, "repeats": len(times)}
         del sets
-    ctx["peak_tflops"] = out["bfloat16"]["tflops"]
+    # The ceiling: bf16 on a GPU (the dtype of the paper-scale rates); on a CPU, whose half-precision
+    # matmuls are often slower than float32, the fastest of the three.
+    on_gpu = torch.device(dev).type == "cuda"
+    out["ceiling"] = "bfloat16" if on_gpu else max(("bfloat16", "float16", "float32"), key=lambda k: out[k]["tflops"])
+    ctx["peak_tflops"] = out[out["ceiling"]]["tflops"]
     return out
 
 
@@ -334,14 +338,18 @@ def step_cuda_tests(ctx: dict) -> dict:
     return out
 
 
-def _text_forward(enc, ids: list[list[int]], budget: int, device) -> dict:
-    """Extraction's text batching without the cache: equal-length batches of ≤ `budget` tokens."""
+def _text_forward(enc, ids: list[list[int]], budget: int, device, flops_per_len: dict[int, int]) -> dict:
+    """Extraction's text batching without the cache: equal-length batches of ≤ `budget` tokens.
+    `flops_per_len` (one text of each length, counted once: FLOPs do not depend on the dtype)
+    is filled on first use."""
     by_len: dict[int, list[list[int]]] = {}
     for t in ids:
         by_len.setdefault(len(t), []).append(t)
     batches = [group[i:i + max(1, budget // n)] for n, group in sorted(by_len.items())
                for i in range(0, len(group), max(1, budget // n))]
-    flops_per_len = {n: count_flops(lambda n=n: enc.encode([by_len[n][0]])) for n in by_len}
+    for n in by_len:
+        if n not in flops_per_len:
+            flops_per_len[n] = count_flops(lambda n=n: enc.encode([by_len[n][0]]))
     flops = sum(flops_per_len[len(t)] for t in ids)
     enc.encode(batches[0])  # warm-up
     finite = []
@@ -385,10 +393,11 @@ def step_text(ctx: dict) -> dict:
     ids = enc.tokenize(texts)
     if [len(t) for t in ids] != lengths:
         raise StepError("the word-level tokenizer did not give the synthetic lengths", out)
+    flops_per_len: dict[int, int] = {}
     for i, dtype in enumerate(s.text_dtypes):
         if i:  # the same weights converted in place (one model's memory at a time), re-wrapped
             enc = _rewrap(enc, dtype)
-        r = _text_forward(enc, ids, s.batch_tokens, dev)
+        r = _text_forward(enc, ids, s.batch_tokens, dev, flops_per_len)
         if ctx.get("peak_tflops"):
             r["fraction_of_peak"] = r["tflops"] / ctx["peak_tflops"]
         out[dtype] = r
@@ -495,7 +504,7 @@ def step_extract(ctx: dict) -> dict:
     flops_per_image = count_flops(lambda: ienc.encode(
         _torch().zeros(1, 3, *ienc.identity.extra["image_size"], device=dev, dtype=ienc.dtype).normal_()))
     cache = ctx["work"] / "extract-cache"
-    cfg = ExtractConfig(dataset="manifest", root=str(data), text="random:llama-shaped", image=f"random:{s.image_model}",
+    cfg = ExtractConfig(dataset="manifest", root=str(data), splits=["train"], text="random:llama-shaped", image=f"random:{s.image_model}",
                         dtype=ctx["extract_dtype"], device=dev, out_dir=str(cache), batch_tokens=s.batch_tokens,
                         image_batch_size=s.image_batch, num_workers=s.num_workers)
     t0 = time.perf_counter()
@@ -725,6 +734,11 @@ def _free_models(ctx: dict) -> None:
 # ----------------------------------------------------------------------------------------- report
 
 
+def _tf(x: float) -> str:
+    """TFLOP/s to 3 significant digits (a CPU's toy run is ~1e-3, an H200's hundreds)."""
+    return f"{x:.3g}"
+
+
 def _f(x, spec: str = ".1f", suffix: str = "") -> str:
     return "—" if x is None else f"{x:{spec}}{suffix}"
 
@@ -749,7 +763,8 @@ def table(r: dict) -> str:
         if s["status"] != "ok":
             row(label, "error", str(s.get("error", ""))[:300].replace("|", "/").replace("\n", " "))
         if name == "peak" and "bfloat16" in s:
-            row(label, f"dense matmul {s['n']}³, bf16 / fp16", f"{s['bfloat16']['tflops']:.1f} / {s['float16']['tflops']:.1f} TFLOP/s")
+            row(label, f"dense matmul {s['n']}³, bf16 / fp16 / fp32 (ceiling: {s['ceiling']})",
+                f"{_tf(s['bfloat16']['tflops'])} / {_tf(s['float16']['tflops'])} / {_tf(s['float32']['tflops'])} TFLOP/s")
         elif name == "cuda_tests" and "tests" in s:
             row(label, "passed / failed+errors / skipped", f"{s['passed']} / {s['failures'] + s['errors']} / {s['skipped']}")
         elif name == "text":
@@ -757,10 +772,10 @@ def table(r: dict) -> str:
                 if dt in s:
                     v = s[dt]
                     row(label, f"{dt}: real tokens/s, TFLOP/s (of peak), mean batch tokens",
-                        f"{v['tokens_per_s']:,.0f}, {v['tflops']:.1f} ({_f(v.get('fraction_of_peak'), '.0%')}), {v['mean_batch_tokens']:.0f}")
+                        f"{v['tokens_per_s']:,.0f}, {_tf(v['tflops'])} ({_f(v.get('fraction_of_peak'), '.0%')}), {v['mean_batch_tokens']:.0f}")
         elif name == "image" and "images_per_s" in s:
             row(label, f"{s['model']} {s['dtype']}, batch {s['batch']}: images/s, TFLOP/s (of peak)",
-                f"{s['images_per_s']:,.1f}, {s['tflops']:.1f} ({_f(s.get('fraction_of_peak'), '.0%')})")
+                f"{s['images_per_s']:,.1f}, {_tf(s['tflops'])} ({_f(s.get('fraction_of_peak'), '.0%')})")
         elif name == "online" and "pairs_per_s" in s:
             row(label, f"encoders per pair, batch {s['batch']}: pairs/s (text padding)",
                 f"{s['pairs_per_s']:,.1f} ({s['text_padding_fraction']:.0%})")
@@ -768,9 +783,9 @@ def table(r: dict) -> str:
             row(label, f"{s['pairs']} pairs / {s['images']} images, {s['dtype']}: wall s, pairs/s", f"{s['seconds']:.1f}, {s['pairs_per_s_extract']:,.1f}")
             row(label, "text phase: real tokens/s, padding, mean batch tokens, encoder TFLOP/s (of peak)",
                 f"{s['tokens_per_s']:,.0f}, {s['padding_fraction']:.1%}, {s['text_mean_batch_tokens']:.0f}, "
-                f"{s['text_encode_tflops']:.1f} ({_f(s.get('text_encode_fraction_of_peak'), '.0%')})")
+                f"{_tf(s['text_encode_tflops'])} ({_f(s.get('text_encode_fraction_of_peak'), '.0%')})")
             row(label, "image phase: images/s, mean batch, encoder TFLOP/s (of peak)",
-                f"{s['images_per_s']:,.1f}, {s['image_mean_batch']:.1f}, {s['image_encode_tflops']:.1f} "
+                f"{s['images_per_s']:,.1f}, {s['image_mean_batch']:.1f}, {_tf(s['image_encode_tflops'])} "
                 f"({_f(s.get('image_encode_fraction_of_peak'), '.0%')})")
             row(label, "bytes written (uncompressed) / on disk", f"{s['bytes_written'] / 2**20:,.0f} / {s['bytes_on_disk'] / 2**20:,.0f} MiB")
         elif name == "stage_two" and "scale" in s:

@@ -41,9 +41,9 @@ def extract(
     Example: molt extract --dataset snli-ve --root /data/snli-ve --text hf:/models/llama-7b --image open_clip:ViT-L-14 --image-weights /models/vit-l-14.bin
     """
     if devices is not None:
+        options = {k: v for k, v in locals().items() if k not in ("devices", "device")}  # the parameters only
         from cli.launch import run_ranks
 
-        options = {k: v for k, v in locals().items() if k not in ("devices", "device")}
         with user_errors():
             if device != "auto":
                 raise ValueError(f"--devices {devices} sets each rank's device; drop --device {device}")
