@@ -40,6 +40,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -99,6 +100,7 @@ class Sizes:
     pairs_per_image: int  # SNLI-VE: 565,286 pairs over 31,783 Flickr30k images ≈ 17.8
     text_repeat: float  # share of pairs whose hypothesis repeats an earlier one (assumed, not measured)
     num_workers: int  # image decode workers in extract
+    extract_shard_chunks: tuple[int, ...]  # extract layouts to run besides the default (chunks per shard)
     scale_args: tuple[str, ...]  # `python -m benchmarks scale` arguments (besides --device/--json)
     rank_dtypes: tuple[str, ...]
     timeouts: dict  # seconds per subprocess step
@@ -114,19 +116,19 @@ SIZES = {
                   text_count=16384, text_tokens=(8, 22), batch_tokens=16384, image_model="ViT-L-14",
                   image_count=2048, image_batch=64, online_batches=12, online_batch=64, extract_images=128,
                   pairs_per_image=18, text_repeat=0.05, num_workers=8,
-                  scale_args=("--preset", "paper"), rank_dtypes=("float32", "float16"),
+                  extract_shard_chunks=(128,), scale_args=("--preset", "paper"), rank_dtypes=("float32", "float16"),
                   timeouts={"cuda_tests": 150, "stage_two": 200, "ranks": 120}),
     "quick": Sizes("quick", peak_n=8192, peak_repeats=10, text_config=LLAMA_7B, text_dtypes=("bfloat16", "float16"),
                    text_count=4096, text_tokens=(8, 22), batch_tokens=16384, image_model="ViT-L-14",
                    image_count=512, image_batch=64, online_batches=4, online_batch=64, extract_images=32,
                    pairs_per_image=18, text_repeat=0.05, num_workers=8,
-                   scale_args=("--preset", "paper", "--no-memory"), rank_dtypes=("float32",),
+                   extract_shard_chunks=(), scale_args=("--preset", "paper", "--no-memory"), rank_dtypes=("float32",),
                    timeouts={"cuda_tests": 150, "stage_two": 120, "ranks": 90}),
     "tiny": Sizes("tiny", peak_n=256, peak_repeats=5, text_config=TOY_LLAMA, text_dtypes=("bfloat16", "float32"),
                   text_count=48, text_tokens=(8, 22), batch_tokens=1024, image_model="tiny:vit",
                   image_count=16, image_batch=16, online_batches=2, online_batch=8, extract_images=4,
                   pairs_per_image=18, text_repeat=0.05, num_workers=0,
-                  scale_args=("--preset", "tiny", "--no-memory"), rank_dtypes=("float32",),
+                  extract_shard_chunks=(1,), scale_args=("--preset", "tiny", "--no-memory"), rank_dtypes=("float32",),
                   timeouts={"cuda_tests": 120, "stage_two": 120, "ranks": 120}),
 }
 SNLI_VE_TRAIN_PAIRS = 529_527  # the paper's SNLI-VE train split, for per-epoch projections
@@ -491,43 +493,60 @@ def write_synthetic_dataset(root: Path, s: Sizes, vocab_size: int) -> dict:
             "text_repeat": s.text_repeat}
 
 
-def step_extract(ctx: dict) -> dict:
+def _extract_once(ctx: dict, data: Path, info: dict, flops_per_len: dict, flops_per_image: int,
+                  shard_chunks: int) -> dict:
     from molt_cache.extract import ExtractConfig, extract
 
     s, dev = ctx["sizes"], ctx["device"]
-    tenc, ienc = _need(ctx, "text_encoder", "text"), _need(ctx, "image_encoder", "image")
-    data = ctx["work"] / "snli-ve-like"
-    info = write_synthetic_dataset(data, s, s.text_config["vocab_size"])
-    ct, ci = CountingEncoder(tenc, dev), CountingEncoder(ienc, dev)
-    # Text FLOPs per length, counted once per distinct length (the same counts as step `text`).
-    flops_per_len = {n: count_flops(lambda n=n: tenc.encode([[1] * n])) for n in range(s.text_tokens[0], s.text_tokens[1] + 1)}
-    flops_per_image = count_flops(lambda: ienc.encode(
-        _torch().zeros(1, 3, *ienc.identity.extra["image_size"], device=dev, dtype=ienc.dtype).normal_()))
-    cache = ctx["work"] / "extract-cache"
-    cfg = ExtractConfig(dataset="manifest", root=str(data), splits=["train"], text="random:llama-shaped", image=f"random:{s.image_model}",
-                        dtype=ctx["extract_dtype"], device=dev, out_dir=str(cache), batch_tokens=s.batch_tokens,
-                        image_batch_size=s.image_batch, num_workers=s.num_workers)
+    ct, ci = CountingEncoder(ctx["text_encoder"], dev), CountingEncoder(ctx["image_encoder"], dev)
+    cache = ctx["work"] / f"extract-cache-{shard_chunks}"
+    cfg = ExtractConfig(dataset="manifest", root=str(data), splits=["train"], text="random:llama-shaped",
+                        image=f"random:{s.image_model}", dtype=ctx["extract_dtype"], device=dev, out_dir=str(cache),
+                        batch_tokens=s.batch_tokens, image_batch_size=s.image_batch, num_workers=s.num_workers,
+                        shard_chunks=shard_chunks)
     t0 = time.perf_counter()
     res = extract(cfg, progress=lambda d, t: None, text_encoder=ct, image_encoder=ci)
     seconds = time.perf_counter() - t0
+    shutil.rmtree(cache, ignore_errors=True)
     if not res.complete:
-        raise StepError("extract did not complete", {})
-    # computed text FLOPs: every batch is (b texts × n tokens); FLOPs scale with b at fixed n
-    text_flops = sum(flops_per_len.get(n, 0) * b * c for (b, n), c in ct.shapes.items())
-    out = {**info, "dtype": ctx["extract_dtype"], "seconds": seconds, "pairs_per_s_extract": info["pairs"] / seconds,
+        raise StepError(f"extract (shard_chunks {shard_chunks}) did not complete", {})
+    # computed text FLOPs: every batch is (b texts × n tokens); at fixed n FLOPs scale with b
+    text_flops = sum(flops_per_len[n] * b * c for (b, n), c in ct.shapes.items())
+    out = {"shard_chunks": shard_chunks, "seconds": seconds, "pairs_per_s_extract": info["pairs"] / seconds,
            "text_tokens": res.text_tokens, "text_seconds": res.text_seconds, "tokens_per_s": res.tokens_per_s,
            "padding_fraction": res.padding_fraction, "images": res.images, "image_seconds": res.image_seconds,
            "images_per_s": res.images_per_s, "bytes_written": res.bytes_written, "bytes_on_disk": res.bytes_on_disk,
            "text_calls": ct.calls, "text_mean_batch_tokens": ct.computed / max(1, ct.calls),
            "text_encode_seconds": ct.seconds, "text_encode_tflops": text_flops / ct.seconds / 1e12 if ct.seconds else 0.0,
-           "image_calls": ci.calls, "image_mean_batch": ci.items / max(1, ci.calls),
-           "image_encode_seconds": ci.seconds,
+           "image_calls": ci.calls, "image_mean_batch": ci.items / max(1, ci.calls), "image_encode_seconds": ci.seconds,
            "image_encode_tflops": flops_per_image * ci.items / ci.seconds / 1e12 if ci.seconds else 0.0}
     if ctx.get("peak_tflops"):
         out["text_encode_fraction_of_peak"] = out["text_encode_tflops"] / ctx["peak_tflops"]
         out["image_encode_fraction_of_peak"] = out["image_encode_tflops"] / ctx["peak_tflops"]
-    ctx["extract_s_per_pair"] = seconds / info["pairs"]
-    shutil.rmtree(cache, ignore_errors=True)
+    return out
+
+
+def step_extract(ctx: dict) -> dict:
+    """molt extract end to end with the default layout (16 chunks per shard = per work unit; a
+    text unit holds ~2k tokens at 4096 wide, which caps extraction's text batches), then with
+    each of `extract_shard_chunks` chunks per shard, to show what that cap costs."""
+    s, dev = ctx["sizes"], ctx["device"]
+    tenc, ienc = _need(ctx, "text_encoder", "text"), _need(ctx, "image_encoder", "image")
+    data = ctx["work"] / "snli-ve-like"
+    info = write_synthetic_dataset(data, s, s.text_config["vocab_size"])
+    # FLOPs per text length and per image, counted once (the same counts as steps text / image)
+    flops_per_len = {n: count_flops(lambda n=n: tenc.encode([[1] * n]))
+                     for n in range(s.text_tokens[0], s.text_tokens[1] + 1)}
+    flops_per_image = count_flops(lambda: ienc.encode(
+        _torch().zeros(1, 3, *ienc.identity.extra["image_size"], device=dev, dtype=ienc.dtype).normal_()))
+    from molt_cache.extract import ExtractConfig
+
+    default_chunks = ExtractConfig().shard_chunks
+    out: dict[str, Any] = {**info, "dtype": ctx["extract_dtype"]}
+    out.update(_extract_once(ctx, data, info, flops_per_len, flops_per_image, default_chunks))
+    ctx["extract_s_per_pair"] = out["seconds"] / info["pairs"]
+    out["variants"] = {str(k): _extract_once(ctx, data, info, flops_per_len, flops_per_image, k)
+                       for k in s.extract_shard_chunks if k != default_chunks}
     return out
 
 
@@ -627,7 +646,7 @@ def step_ranks(ctx: dict) -> dict:
         two_s = time.perf_counter() - t0
         log = res.stdout + res.stderr
         r: dict[str, Any] = {"one_rank_s": one_s, "two_ranks_s": two_s, "returncode": res.returncode,
-                             "both_ranks_worked": "rank 0:" in log and "rank 1:" in log and "units encoded" in log}
+                             "both_ranks_worked": all(re.search(rf"rank {k}: [1-9]\d* units encoded", log) for k in (0, 1))}
         if res.returncode != 0:
             r["log_tail"] = log[-2000:]
             problems.append(f"{dtype}: torchrun exited {res.returncode}")
@@ -762,7 +781,10 @@ def table(r: dict) -> str:
         label = f"{name} ({s['status']}, {s.get('seconds_step', 0):.0f} s)"
         if s["status"] != "ok":
             row(label, "error", str(s.get("error", ""))[:300].replace("|", "/").replace("\n", " "))
-        if name == "peak" and "bfloat16" in s:
+        if name == "env" and "torch" in s:
+            row(label, "torch / transformers / open_clip / zarr",
+                " / ".join(str(s.get(k)) for k in ("torch", "transformers", "open_clip", "zarr")))
+        elif name == "peak" and "bfloat16" in s:
             row(label, f"dense matmul {s['n']}³, bf16 / fp16 / fp32 (ceiling: {s['ceiling']})",
                 f"{_tf(s['bfloat16']['tflops'])} / {_tf(s['float16']['tflops'])} / {_tf(s['float32']['tflops'])} TFLOP/s")
         elif name == "cuda_tests" and "tests" in s:
@@ -780,7 +802,8 @@ def table(r: dict) -> str:
             row(label, f"encoders per pair, batch {s['batch']}: pairs/s (text padding)",
                 f"{s['pairs_per_s']:,.1f} ({s['text_padding_fraction']:.0%})")
         elif name == "extract" and "tokens_per_s" in s:
-            row(label, f"{s['pairs']} pairs / {s['images']} images, {s['dtype']}: wall s, pairs/s", f"{s['seconds']:.1f}, {s['pairs_per_s_extract']:,.1f}")
+            row(label, f"{s['pairs']} pairs / {s['images']} images, {s['dtype']}, shard_chunks {s['shard_chunks']}: "
+                "wall s, pairs/s", f"{s['seconds']:.1f}, {s['pairs_per_s_extract']:,.1f}")
             row(label, "text phase: real tokens/s, padding, mean batch tokens, encoder TFLOP/s (of peak)",
                 f"{s['tokens_per_s']:,.0f}, {s['padding_fraction']:.1%}, {s['text_mean_batch_tokens']:.0f}, "
                 f"{_tf(s['text_encode_tflops'])} ({_f(s.get('text_encode_fraction_of_peak'), '.0%')})")
@@ -788,6 +811,11 @@ def table(r: dict) -> str:
                 f"{s['images_per_s']:,.1f}, {s['image_mean_batch']:.1f}, {_tf(s['image_encode_tflops'])} "
                 f"({_f(s.get('image_encode_fraction_of_peak'), '.0%')})")
             row(label, "bytes written (uncompressed) / on disk", f"{s['bytes_written'] / 2**20:,.0f} / {s['bytes_on_disk'] / 2**20:,.0f} MiB")
+            for k, v in s.get("variants", {}).items():
+                row(label, f"shard_chunks {k} (default {s['shard_chunks']}): wall s; text tokens/s, mean batch tokens, "
+                    "encoder TFLOP/s; images/s",
+                    f"{v['seconds']:.1f}; {v['tokens_per_s']:,.0f}, {v['text_mean_batch_tokens']:.0f}, "
+                    f"{_tf(v['text_encode_tflops'])}; {v['images_per_s']:,.1f}")
         elif name == "stage_two" and "scale" in s:
             for k in ("per-pair", "image-once"):
                 if k in s:
@@ -830,7 +858,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="steps not started by then are recorded as failed (default 450 s full, 170 s quick, 300 s tiny)")
     ap.add_argument("--steps", default=None, help=f"comma-separated subset of {[n for n, _ in STEPS]}")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 with --tiny, else torch's)")
     ap.add_argument("--check-imports", action="store_true", help="only try every import the check needs")
     a = ap.parse_args(argv)
     if a.check_imports:
@@ -844,7 +872,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown steps {unknown}; valid: {[n for n, _ in STEPS]}")
     budget = a.budget_s if a.budget_s is not None else {"full": 450, "quick": 170, "tiny": 300}[sizes.name]
     out_dir = Path(a.out) if a.out else default_out_dir()
-    result = run(a.device, sizes, out_dir, budget, steps, a.threads)
+    threads = a.threads or (1 if a.tiny else None)  # toy models on a shared CPU: more threads only contend
+    result = run(a.device, sizes, out_dir, budget, steps, threads)
     print(table(result))
     print(f"wrote {out_dir / 'gpu-check.json'} and {out_dir / 'gpu-check.md'}")
     if not result["ok"]:

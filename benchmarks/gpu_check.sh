@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 SITE=${MOLT_SITE:-/tmp/molt-site}
 WHL=${WHL_DIR:-.whl}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore  # the device runs commands as root
 t0=$(date +%s)
 if compgen -G "$WHL/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHL"/*.whl \
