@@ -18,12 +18,14 @@ t0=$(date +%s)
 if compgen -G "$WHL/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHL"/*.whl \
     || { echo "gpu_check: installing the wheels in $WHL failed (see above)" >&2; exit 3; }
-  # the project, --no-deps: gives the `molt` console script; the checkout stays first on the path
+  # the project, --no-deps: gives the `molt` console script; the checkout stays first on the path.
+  # The check itself runs `python -m cli.main`, so a failure here is reported loudly but not fatal:
+  # a device call is too scarce to lose to the console script.
   "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
       --target "$SITE" . >/dev/null \
-    || { echo "gpu_check: installing the project (pip install --no-deps .) failed (see above)" >&2; exit 3; }
+    || echo "gpu_check: WARNING: installing the project (pip install --no-deps .) failed (see above); no \`molt\` script, the check runs python -m cli.main" >&2
   export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"
-  echo "gpu_check: installed $(ls "$WHL"/*.whl | wc -l) wheels from $WHL and the project into $SITE ($(( $(date +%s) - t0 )) s)"
+  echo "gpu_check: installed $(ls "$WHL"/*.whl | wc -l) wheels from $WHL into $SITE ($(( $(date +%s) - t0 )) s)"
 else
   echo "gpu_check: no wheels in $WHL; using the packages already importable (bash benchmarks/fetch_device_wheels.sh makes them)"
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
