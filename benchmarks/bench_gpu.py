@@ -824,7 +824,7 @@ def table(r: dict) -> str:
                 if k in s:
                     v = s[k]
                     row(label, f"epoch {k}: pairs/s, GFLOP/pair, SNLI-VE epoch s",
-                        f"{v['pairs_per_s']:,.0f}, {_f((v['flops_per_pair'] or 0) / 1e9, '.2f')}, {v['snli_ve_epoch_s']:,.0f}")
+                        f"{v['pairs_per_s']:,.0f}, {_f((v['flops_per_pair'] or 0) / 1e9, '.3g')}, {v['snli_ve_epoch_s']:,.0f}")
                     if "speedup_vs_online" in v:
                         row(label, f"epoch {k}: × online, break-even epochs",
                             f"{v['speedup_vs_online']:.1f}×, {_f(v['break_even_epochs'], '.2f')}")

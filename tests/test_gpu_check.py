@@ -35,7 +35,7 @@ def test_tiny_check_runs_every_step_on_the_cpu(tmp_path):
     for dtype in ("bfloat16", "float32"):
         t = st["text"][dtype]
         assert t["finite"] and t["texts"] == 48 and t["tokens_per_s"] > 0
-        assert t["flops_per_token"] > 2 * 4 * (3 * 64 * 172 + 4 * 64 * 64)  # ≥ the 4 blocks' matmuls
+        assert t["flops_per_token"] >= 2 * 4 * (3 * 64 * 172 + 4 * 64 * 64)  # 2 × the 4 blocks' matmul weights
     assert st["image"]["images_per_s"] > 0 and st["online"]["pairs_per_s"] > 0
     ex = st["extract"]
     assert ex["pairs"] == 4 * 18 and ex["images"] == 4 and ex["padding_fraction"] == 0.0
