@@ -22,8 +22,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .base import DatasetError, DatasetReader, ImageRef, OnBad, Sample
+from .base import DatasetError, DatasetReader, ImageRef, OnBad, Sample, SeenIds
 from .splits import canonical_split
+from .textfiles import read_json
 
 # The benchmark's 23 genres (Arevalo et al. 2017); other genres in the metadata are ignored.
 GENRES = ["Drama", "Comedy", "Romance", "Thriller", "Crime", "Action", "Adventure", "Horror",
@@ -49,7 +50,7 @@ class MmImdbReader(DatasetReader):
         split_path = self.root / "split.json"
         if not split_path.is_file():
             raise DatasetError(f"MM-IMDB: {split_path} not found (expected mmimdb/split.json and mmimdb/dataset/)")
-        data = json.loads(split_path.read_text())
+        data = read_json(split_path)
         self._ids: dict[str, list[str]] = {}
         for key, ids in data.items():
             split = canonical_split(key)
@@ -65,16 +66,21 @@ class MmImdbReader(DatasetReader):
             raise ValueError(f"unknown MM-IMDB split {split!r}; valid: {list(self.splits)}")
         index = {g: i for i, g in enumerate(GENRES)}
         ignored_here: Counter[str] = Counter()
+        seen = SeenIds()
         for movie_id in self._ids[split]:
             meta_path = self.root / "dataset" / f"{movie_id}.json"
             source = f"{meta_path}[{movie_id}]"
+            duplicate = seen.duplicate(movie_id, f"{self.root / 'split.json'}")
+            if duplicate:
+                self.report.bad(source, f"{duplicate}: listed twice in split.json")
+                continue
             if not meta_path.is_file():
                 self.report.bad(source, f"metadata file {meta_path} not found")
                 continue
             try:
-                meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                self.report.bad(source, f"malformed JSON: {e}")
+                meta = read_json(meta_path)
+            except DatasetError as e:  # names file:line and the byte or JSON error
+                self.report.bad(source, str(e))
                 continue
             plot = meta.get("plot") if isinstance(meta, dict) else None
             plots = [plot] if isinstance(plot, str) else [p for p in (plot or []) if isinstance(p, str)]
