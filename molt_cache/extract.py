@@ -38,6 +38,7 @@ from molt_cache.cache.writer import (STORAGE_DTYPES, BackgroundWriter, ModalityP
                                      UnitResult, create_cache, to_storage, write_pooled)
 from molt_cache.datasets.base import DatasetError, DatasetReader, ImageRef
 from molt_cache.encoders.base import EncoderOutput, ImageEncoder, TextEncoder
+from molt_cache.encoders.text_limits import tokenize_splits, truncation_lines
 
 console = Console(stderr=True)
 
@@ -58,6 +59,7 @@ class ExtractConfig:
     text: str = "tiny:llama"  # text encoder spec (molt_cache.encoders.create_text_encoder)
     image: str = "tiny:vit"  # image encoder spec
     image_weights: str | None = None  # optional weights file for the image tower
+    max_length: int | None = None  # cap on text tokens; the model's position limit applies anyway
     layers: int = 4  # L_s: last blocks kept per encoder
     dtype: str = "auto"  # "auto" (float16 on CUDA, float32 on CPU) | float32 | float16 | bfloat16
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1"; ranks use cuda:LOCAL_RANK
@@ -89,6 +91,8 @@ class ExtractConfig:
             raise ValueError(f"unknown noise_on {self.noise_on!r}; valid: ['image', 'text', 'both']")
         if self.empty not in (None, "text", "image"):
             raise ValueError(f"unknown empty {self.empty!r}; valid: None, 'text', 'image'")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be ≥ 1 (or None for the model's own limit), got {self.max_length}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be ≥ 1 (or None for every pair), got {self.limit}")
         if self.noise < 0:
@@ -126,6 +130,7 @@ class ExtractResult:
     seconds: float = 0.0  # the whole call: reading, tokenizing, model loading, encoding, writing
     text_seconds: float = 0.0  # wall time of the text units (encoding while writes overlap)
     image_seconds: float = 0.0  # wall time of the image units (decode workers, encoding)
+    text_lengths: dict[str, Any] = field(default_factory=dict)  # max length, truncated texts per split
 
     @property
     def tokens_per_s(self) -> float:
@@ -146,7 +151,8 @@ def extract_config_from_manifest(manifest: dict, **overrides: Any) -> ExtractCon
         image_weights=ex.get("image_weights"), layers=len(manifest["text"]["layer_indices"]),
         dtype=manifest["text"]["dtype"], batch_tokens=ex.get("batch_tokens", 16384),
         image_batch_size=ex.get("image_batch_size", 64), on_bad=ex.get("on_bad", "error"),
-        limit=manifest["dataset"].get("limit"))
+        limit=manifest["dataset"].get("limit"),
+        max_length=manifest["text"].get("extra", {}).get("max_length_limits", {}).get("requested"))
     return dataclasses.replace(cfg, **overrides)
 
 
@@ -636,10 +642,13 @@ def extract(cfg: ExtractConfig, *, progress: Callable[[int, int], None] | None =
     if reader.report.rows:
         console.print(f"[yellow]{reader.report.summary()}[/] (first: {reader.report.rows[0].source}: "
                       f"{reader.report.rows[0].reason})")
+    for note in getattr(reader, "notes", []) or []:
+        console.print(f"[yellow]note:[/] {note}")
 
     if text_encoder is None or image_encoder is None:
         from molt_cache.encoders import create_image_encoder, create_text_encoder
-        text_encoder = text_encoder or create_text_encoder(cfg.text, device=device, dtype=dtype, layers=cfg.layers)
+        text_encoder = text_encoder or create_text_encoder(cfg.text, device=device, dtype=dtype, layers=cfg.layers,
+                                                           max_length=cfg.max_length)
         image_encoder = image_encoder or create_image_encoder(cfg.image, device=device, dtype=dtype,
                                                               layers=cfg.layers, weights=cfg.image_weights)
     for enc in (text_encoder, image_encoder):
@@ -651,14 +660,10 @@ def extract(cfg: ExtractConfig, *, progress: Callable[[int, int], None] | None =
                              f"this run asks for {cfg.layers}")
 
     plans: list[SplitPlan] = []
-    token_ids_per_split: list[list[list[int]]] = []
-    for rows in collected:
-        ids = text_encoder.tokenize(rows.texts)
-        empty_ids = [rows.texts[k] for k, t in enumerate(ids) if len(t) == 0]
-        if empty_ids:
-            raise ValueError(f"text encoder {text_encoder.identity.name} gives no tokens for "
-                             f"{empty_ids[0]!r}; it must add at least one special token")
-        token_ids_per_split.append(ids)
+    token_ids_per_split, text_lengths = tokenize_splits(text_encoder, [(r.split, r.texts) for r in collected])
+    for line in truncation_lines(text_lengths):
+        console.print(f"[yellow]truncated:[/] {line}")
+    for rows, ids in zip(collected, token_ids_per_split):
         lengths = np.array([len(t) for t in ids], dtype=np.int64)
         n_img = image_encoder.num_tokens
         task_multi = reader.task == "multi-label"
@@ -684,7 +689,7 @@ def extract(cfg: ExtractConfig, *, progress: Callable[[int, int], None] | None =
     manifest = build_manifest(
         dataset={"name": reader.name, "root": cfg.root, "task": reader.task, "labels": list(reader.labels),
                  "fingerprint": dataset_fingerprint(fp_rows), "excluded_images": sorted(excluded),
-                 "limit": cfg.limit},
+                 "limit": cfg.limit, "notes": list(getattr(reader, "notes", []) or [])},
         splits={p.split: {"pairs": len(p.sample_ids), "texts": p.text.n_items, "images": p.image.n_items,
                           "text_tokens": p.text.n_tokens, "image_tokens": p.image.n_tokens} for p in plans},
         text=text_encoder.identity, image=image_encoder.identity, perturbation=cfg.perturbation(),
@@ -693,10 +698,11 @@ def extract(cfg: ExtractConfig, *, progress: Callable[[int, int], None] | None =
                               "dataset_options": cfg.dataset_options, "batch_tokens": cfg.batch_tokens,
                               "image_batch_size": cfg.image_batch_size, "on_bad": cfg.on_bad,
                               "text_batching": TEXT_BATCHING}
+    manifest["text_lengths"] = text_lengths
 
     state = _check_out_dir(out, manifest)
     result = ExtractResult(out_dir=out, complete=False, reused=False,
-                           bytes_planned=sum(p.planned_bytes() for p in plans))
+                           bytes_planned=sum(p.planned_bytes() for p in plans), text_lengths=text_lengths)
     if state == "complete":
         console.print(f"cache complete, reusing {out}")
         result.complete = result.reused = True
