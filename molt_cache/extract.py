@@ -39,6 +39,7 @@ from molt_cache.cache.writer import (STORAGE_DTYPES, BackgroundWriter, ModalityP
 from molt_cache.datasets.base import DatasetError, DatasetReader, ImageRef
 from molt_cache.encoders.base import EncoderOutput, ImageEncoder, TextEncoder
 from molt_cache.encoders.text_limits import tokenize_splits, truncation_lines
+from molt_cache.finite import NonFiniteFeatureError, check_batch
 
 console = Console(stderr=True)
 
@@ -340,6 +341,7 @@ def _item_generator(enc, cfg: ExtractConfig, split: str, modality: str, item: in
 # such texts are encoded alone. From 4 tokens on, a row's bits do not depend on the batch size.
 ALONE_BELOW_TOKENS = 4
 TEXT_BATCHING = "equal-length batches, no padding; texts under 4 tokens and straddling texts alone"
+NONFINITE_CHECK = "every batch, in the storage dtype, before writing"  # molt_cache/finite.py
 
 
 def _text_batches(items: np.ndarray, inner: np.ndarray, lengths: np.ndarray, budget: int,
@@ -375,6 +377,7 @@ def _fill(plan: ModalityPlan, unit: int, batch: list[int], out: EncoderOutput, e
         raise RuntimeError(f"{plan.modality} encoder {enc.identity.name} returned {len(tensors)} token "
                            f"arrays; the cache expects {list(buffers)}")
     mask = out.mask.to("cpu").bool()
+    check_batch(plan.modality, batch, mask, dict(zip(buffers, tensors)), out.pooled, plan.dtype)
     arrays = [to_storage(t, plan.dtype) for t in tensors]
     pool = to_storage(out.pooled, plan.dtype)
     for name, arr in zip(buffers, arrays):
@@ -408,7 +411,11 @@ def _unit_result(split: str, plan: ModalityPlan, unit: int, enc, run_batches,
     real = padded = 0
     owned_set = set(owned.tolist())
     for batch, out in run_batches(overlap, owned):
-        r, p = _fill(plan, unit, batch, out, enc, buffers, pooled, owned_set)
+        try:
+            r, p = _fill(plan, unit, batch, out, enc, buffers, pooled, owned_set)
+        except NonFiniteFeatureError as e:
+            e.split = split
+            raise
         real, padded = real + r, padded + p
         advance(plan.modality, sum(1 for k in batch if k in owned_set))  # each item counted once
     pooled_rows = (np.stack([pooled[int(k)] for k in owned]) if len(owned)
@@ -697,7 +704,7 @@ def extract(cfg: ExtractConfig, *, progress: Callable[[int, int], None] | None =
     manifest["extraction"] = {"text_spec": cfg.text, "image_spec": cfg.image, "image_weights": cfg.image_weights,
                               "dataset_options": cfg.dataset_options, "batch_tokens": cfg.batch_tokens,
                               "image_batch_size": cfg.image_batch_size, "on_bad": cfg.on_bad,
-                              "text_batching": TEXT_BATCHING}
+                              "text_batching": TEXT_BATCHING, "nonfinite_check": NONFINITE_CHECK}
     manifest["text_lengths"] = text_lengths
 
     state = _check_out_dir(out, manifest)
@@ -772,6 +779,8 @@ def extract(cfg: ExtractConfig, *, progress: Callable[[int, int], None] | None =
             units = [u for q, m, u in mine if q is p and m is p.text]
             _run_text_units(run, p.split, p.text, ids, units, writer, unit_hook)
         result.text_seconds = time.perf_counter() - t_text
+    except NonFiniteFeatureError as e:
+        raise e.name_sample(plans)
     finally:
         if bar is not None:
             bar.stop()
