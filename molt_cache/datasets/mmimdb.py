@@ -166,7 +166,9 @@ class MmImdbHdf5Reader(DatasetReader):
             raise DatasetError(f"{path}: expected a pickled dict with key 'ix_to_word' (word id -> word)")
         vocab: dict[int, str] = {}
         for k, v in meta["ix_to_word"].items():
-            if not isinstance(k, (int, np.integer)) or not isinstance(v, str):
+            if isinstance(k, str) and k.strip().lstrip("-").isdigit():
+                k = int(k)  # a vocabulary saved through JSON has string ids
+            if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not isinstance(v, str):
                 raise DatasetError(f"{path}: ix_to_word entry {k!r}: {v!r} is not (int id: str word)")
             vocab[int(k)] = v
         return vocab
