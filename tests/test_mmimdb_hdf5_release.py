@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from data.make_fixtures import COLORS, MMIMDB_MOVIES, make_mmimdb_hdf5
+from data.make_fixtures import COLORS, make_mmimdb_hdf5
 from molt_cache.datasets import GENRES, DatasetError, open_dataset
 from molt_cache.datasets.check import check_dataset
 from molt_cache.datasets.safe_pickle import UnsafePickleError, load_npy_restricted

@@ -153,4 +153,5 @@ def test_robustness_refuses_a_nonfinite_cache(clean_cache, tmp_path):
                                            missing=[], device="cpu", report_dir=str(tmp_path / "rep")),
                           log=lambda s: None)
     assert rows and all(np.isfinite(r["accuracy"]) for r in rows if "accuracy" in r)
-    assert json  # noqa: the manifest's extraction block names the check
+    manifest = json.loads((clean_cache / "manifest.json").read_text())
+    assert manifest["extraction"]["nonfinite_check"].startswith("every batch")
