@@ -151,3 +151,11 @@ def test_nfd_file_on_disk_nfc_name_in_csv(tmp_path):
     assert [Path(s.image.path).name for s in got] == [f"{nfd}.jpg", "a.jpg"]
     assert got[0].image.open().size == (32, 32)
     assert [b.reason for b in r.report.rows] == [f"image file {root / 'images' / 'nope.jpg'} not found"]
+
+
+def test_utf16_file_is_named_as_such(tmp_path):
+    root = make_food101(tmp_path / "food")
+    path = root / "texts" / "train_titles.csv"
+    path.write_bytes(path.read_text(encoding="utf-8").encode("utf-16"))  # Python writes the LE BOM
+    with pytest.raises(DatasetError, match=r"train_titles\.csv: the file is UTF-16 LE .*re-save it as UTF-8"):
+        list(open_dataset("food101", root).samples("train"))

@@ -22,9 +22,23 @@ from .base import DatasetError
 ENCODING = "utf-8-sig"
 
 
+UTF16_BOMS = {b"\xff\xfe": "UTF-16 LE", b"\xfe\xff": "UTF-16 BE"}
+
+
+def _refuse_utf16(path: str | os.PathLike, head: bytes) -> None:
+    """A UTF-16 file (Excel's "Unicode text", PowerShell's default) is not a file of bad lines:
+    name what it is once, instead of flagging every line."""
+    for bom, name in UTF16_BOMS.items():
+        if head.startswith(bom):
+            raise DatasetError(f"{path}: the file is {name} (byte-order mark {bom.hex(' ')}); molt-cache reads "
+                               "UTF-8 (with or without BOM): re-save it as UTF-8")
+
+
 def open_text(path: str | os.PathLike, *, newline: str | None = None) -> TextIO:
     """Open a release text file for reading: UTF-8, a leading BOM dropped, bad bytes kept as
-    lone surrogates (see `undecodable`)."""
+    lone surrogates (see `undecodable`). A UTF-16 file is refused naming its encoding."""
+    with open(path, "rb") as f:
+        _refuse_utf16(path, f.read(2))
     return open(path, encoding=ENCODING, errors="surrogateescape", newline=newline)
 
 
@@ -50,6 +64,7 @@ def read_json(path: str | os.PathLike) -> Any:
     """A whole JSON file (split.json, labels.json, class_idx.json): UTF-8 with optional BOM.
     Raises DatasetError naming the file (and line, column) on bad bytes or bad JSON."""
     data = Path(path).read_bytes()
+    _refuse_utf16(path, data[:2])
     try:
         text = data.decode(ENCODING)
     except UnicodeDecodeError as e:
