@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+NONFINITE_CHECK = "every batch, in the storage dtype, before writing"  # recorded in the manifest's extraction
 DTYPE_ADVICE = "rerun with --dtype bfloat16 (fp32's range) or --dtype float32"
 
 
