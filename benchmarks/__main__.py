@@ -4,7 +4,8 @@ from __future__ import annotations
 import sys
 
 BENCHMARKS = {"extract": "benchmarks.bench_extract", "train": "benchmarks.bench_train", "cca": "benchmarks.bench_cca",
-              "gpu": "benchmarks.bench_gpu"}
+              "gpu": "benchmarks.bench_gpu",
+              "finite": "benchmarks.bench_finite"}
 
 
 def main(argv: list[str]) -> None:
