@@ -488,9 +488,11 @@ def write_synthetic_dataset(root: Path, s: Sizes, vocab_size: int) -> dict:
     n = s.extract_images * s.pairs_per_image
     texts = synthetic_texts(synthetic_lengths(n, *s.text_tokens, seed=11), vocab_size, seed=11)
     labels = ["entailment", "neutral", "contradiction"]
+    used: list[str] = []
     with open(root / "manifest.jsonl", "w") as f:
         for k in range(n):
-            text = texts[int(rng.integers(0, k))] if k and rng.random() < s.text_repeat else texts[k]
+            text = used[int(rng.integers(0, k))] if k and rng.random() < s.text_repeat else texts[k]
+            used.append(text)
             f.write(json.dumps({"id": f"p{k}", "image": f"images/{k // s.pairs_per_image}.jpg", "text": text,
                                 "label": labels[int(rng.integers(0, 3))], "split": "train"}) + "\n")
     return {"pairs": n, "images": s.extract_images, "pairs_per_image": s.pairs_per_image,
