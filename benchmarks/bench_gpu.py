@@ -833,7 +833,9 @@ def table(r: dict) -> str:
                             f"{v['speedup_vs_online']:.1f}×, {_f(v['break_even_epochs'], '.2f')}")
             loaders = s["scale"].get("loaders", {})
             for k, v in loaders.items():
-                row(label, f"loader {k}: pairs/s, host→device MiB/pair", f"{v['pairs_per_s']:,.0f}, {v['bytes_per_pair'] / 2**20:.3f}")
+                mib = v.get("bytes_per_pair")
+                row(label, f"loader {k}: pairs/s, host→device MiB/pair",
+                    f"{v.get('pairs_per_s', 0):,.0f}, {_f(None if mib is None else mib / 2**20, '.3f')}")
         elif name == "ranks":
             for dt in r["sizes"]["rank_dtypes"]:
                 if dt in s and "max_rel_diff" in s[dt]:
