@@ -11,7 +11,8 @@ with its error, the others still run, and the exit code is 1):
   env         torch, CUDA, GPU and package versions
   peak        dense bf16 and fp16 matmul rate measured here (random data, median of timed
               repeats): the ceiling the TFLOP/s below are fractions of
-  cuda_tests  `pytest -m cuda tests/test_cuda.py`: on a GPU every test must pass, none skip
+  cuda_tests  tests/test_cuda.py and the feature store's CUDA test (CUDA_TESTS) in a fresh pytest:
+              on a GPU every test must pass, none skip
   text        a LLaMA-7B-shaped model (32 layers × 4096, random weights built on the device) in
               bf16 then fp16: real tokens/s, TFLOP/s and fraction of peak over SNLI-VE-shaped
               length buckets at extraction's batching (equal lengths, ≤ batch_tokens per batch)
@@ -311,12 +312,16 @@ def step_peak(ctx: dict) -> dict:
     return out
 
 
+# Every test of tests/test_cuda.py is marked `cuda`; the device feature store's CUDA test is issue
+# 13's own (device and mixed placements equal the CPU store, no host syncs while batching).
+CUDA_TESTS = ["tests/test_cuda.py", "tests/test_store.py::test_store_on_cuda_matches_cpu_without_host_syncs"]
+
+
 def step_cuda_tests(ctx: dict) -> dict:
     """The `cuda`-marked tests in a fresh process. On a GPU none may fail or skip; on a CPU they
     all skip (reported, not a failure)."""
     junit = ctx["work"] / "cuda-tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-rs", "-p", "no:cacheprovider",
-           f"--junitxml={junit}"]
+    cmd = [sys.executable, "-m", "pytest", *CUDA_TESTS, "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}"]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=ctx["sizes"].timeouts["cuda_tests"])
     import xml.etree.ElementTree as ET
