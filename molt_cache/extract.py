@@ -31,11 +31,14 @@ from rich.text import Text
 from molt_cache.cache.layout import (BAD_IMAGES_FILE, CREATED_MARKER, MANIFEST_FILE, PROGRESS_DIR,
                                      LayoutOptions, shard_rows, token_array_names,
                                      token_chunk_rows, unit_record_path)
-from molt_cache.cache.manifest import (CacheMismatchError, build_manifest, compare_manifests,
+from molt_cache.cache.manifest import (CacheMismatchError, ManifestError, build_manifest, compare_manifests,
                                        dataset_fingerprint, read_manifest_attrs,
                                        read_manifest_file, write_manifest_file)
+from molt_cache.cache.lock import job_id, writer_lock
+from molt_cache.cache.repair import repair_damage
 from molt_cache.cache.writer import (STORAGE_DTYPES, BackgroundWriter, ModalityPlan, SplitPlan,
-                                     UnitResult, create_cache, to_storage, write_pooled)
+                                     UnitResult, create_cache, to_storage, write_pooled,
+                                     write_pooled_record)
 from molt_cache.datasets.base import DatasetError, DatasetReader, ImageRef
 from molt_cache.encoders.base import EncoderOutput, ImageEncoder, TextEncoder
 
@@ -292,7 +295,11 @@ def _modality_plan(modality: str, lengths: np.ndarray, enc, cfg: ExtractConfig, 
 
 def _check_out_dir(out: Path, wanted: dict) -> str:
     """'new' | 'resume' | 'complete'; refuses any other content, listing differing fields."""
-    done = read_manifest_file(out)
+    try:
+        done = read_manifest_file(out)
+    except ManifestError as e:  # the arrays and records decide; the finish rewrites manifest.json
+        console.print(f"[yellow]{e}; resuming, it is rewritten at the end[/]")
+        done = None
     if done is not None:
         diffs = compare_manifests(done, wanted)
         if diffs:
@@ -307,7 +314,7 @@ def _check_out_dir(out: Path, wanted: dict) -> str:
                                      + "\n  ".join(diffs) + "\nchoose another --out-dir, or delete it")
         return "resume"
     if out.exists():
-        other = sorted(p.name for p in out.iterdir() if p.name not in (BAD_IMAGES_FILE,))
+        other = sorted(p.name for p in out.iterdir() if p.name not in (BAD_IMAGES_FILE, PROGRESS_DIR))
         if other:
             raise CacheMismatchError(f"{out} is not empty and holds no molt cache ({other[:5]}); "
                                      "choose an empty or new folder")
@@ -602,10 +609,20 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def extract(cfg: ExtractConfig, *, progress: Callable[[int, int], None] | None = None,
-            reader: DatasetReader | None = None, text_encoder: TextEncoder | None = None,
-            image_encoder: ImageEncoder | None = None,
-            unit_hook: Callable[[str, str, int], None] | None = None) -> ExtractResult:
+def extract(cfg: ExtractConfig, **kwargs: Any) -> ExtractResult:
+    """Extract (or resume, or reuse, or repair) the cache `cfg.out_dir`, holding its writer lock
+    (molt_cache/cache/lock.py: one job per folder; a second job is refused naming the first)."""
+    cfg.validate()
+    world = _resolve_rank(cfg)[1]
+    options = {k: getattr(cfg, k) for k in ("dataset", "text", "image", "noise", "noise_on", "empty", "seed", "limit")}
+    with writer_lock(cfg.out_dir, job=job_id(world), options=options):
+        return _extract_locked(cfg, **kwargs)
+
+
+def _extract_locked(cfg: ExtractConfig, *, progress: Callable[[int, int], None] | None = None,
+                    reader: DatasetReader | None = None, text_encoder: TextEncoder | None = None,
+                    image_encoder: ImageEncoder | None = None,
+                    unit_hook: Callable[[str, str, int], None] | None = None) -> ExtractResult:
     """Extract (or resume, or reuse) the cache `cfg.out_dir`.
 
     progress(units_done, units_total) is called after each unit; without it, rich progress bars
@@ -695,6 +712,8 @@ def extract(cfg: ExtractConfig, *, progress: Callable[[int, int], None] | None =
                               "text_batching": TEXT_BATCHING}
 
     state = _check_out_dir(out, manifest)
+    if state != "new" and repair_damage(out, plans, manifest, cfg.layout(), rank, world, console.print):
+        state = "resume"  # records that no longer match their files were dropped: redo those units
     result = ExtractResult(out_dir=out, complete=False, reused=False,
                            bytes_planned=sum(p.planned_bytes() for p in plans))
     if state == "complete":
@@ -780,6 +799,7 @@ def extract(cfg: ExtractConfig, *, progress: Callable[[int, int], None] | None =
         if _wait_for(lambda: _all_units_done(out, plans), "other ranks", cfg.rank_wait_s):
             for p in plans:
                 write_pooled(out, p)
+            write_pooled_record(out, plans)
             final = dict(manifest, complete=True)
             import zarr
             from molt_cache.cache.layout import MANIFEST_ATTR
