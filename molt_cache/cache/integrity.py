@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -259,7 +260,10 @@ class VerifyReport:
 
 
 def _walk_arrays(group: zarr.Group, prefix: str = "") -> Iterator[tuple[str, zarr.Array]]:
-    for name, member in sorted(group.members(), key=lambda kv: kv[0]):
+    with warnings.catch_warnings():  # manifest.json and _progress/ are ours, not zarr's
+        warnings.simplefilter("ignore")
+        members = sorted(group.members(), key=lambda kv: kv[0])
+    for name, member in members:
         path = f"{prefix}{name}"
         if isinstance(member, zarr.Array):
             yield path, member
