@@ -29,7 +29,7 @@ def user_errors():
     try:
         yield
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, OSError) as e:
-        err_console.print(f"[bold red]error:[/] {e}")
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)  # one line, greppable
         raise typer.Exit(code=2) from None
 
 

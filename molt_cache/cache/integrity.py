@@ -271,10 +271,12 @@ def _walk_arrays(group: zarr.Group, prefix: str = "") -> Iterator[tuple[str, zar
             yield from _walk_arrays(member, path + "/")
 
 
-def _check_shard_index(arr: zarr.Array, data: bytes, file: Path) -> str | None:
-    """The index at the shard's end: crc32c valid, every inner chunk present, inside the file."""
+def _check_shard_index(arr: zarr.Array, data: bytes, file: Path, first_row: int) -> str | None:
+    """The index at the shard's end: crc32c valid, every inner chunk that holds rows of the array
+    present (the last shard's chunks wholly past the end are never written), inside the file."""
     shard = _sharding(arr)
-    per_shard = int(np.prod([o // i for o, i in zip(chunk_grid(arr), shard.chunk_shape)]))
+    per_dim = [o // i for o, i in zip(chunk_grid(arr), shard.chunk_shape)]
+    per_shard = int(np.prod(per_dim))
     size = 16 * per_shard + 4
     if len(data) < size:
         return f"{file}: {len(data)} bytes, shorter than its shard index ({size} bytes): truncated"
@@ -282,11 +284,14 @@ def _check_shard_index(arr: zarr.Array, data: bytes, file: Path) -> str | None:
     if np.uint32(google_crc32c.value(index)).tobytes() != crc:
         return f"{file}: shard index fails its crc32c (damaged or truncated file)"
     entries = np.frombuffer(index, dtype="<u8").reshape(per_shard, 2)
-    absent = np.flatnonzero(entries[:, 0] == MAX_UINT64)
+    inner = int(shard.chunk_shape[0])
+    row_of_entry = first_row + inner * (np.arange(per_shard) // int(np.prod(per_dim[1:])))  # C order
+    absent = np.flatnonzero((entries[:, 0] == MAX_UINT64) & (row_of_entry < arr.shape[0]))
     if len(absent):
         return (f"{file}: shard index lists inner chunks {absent[:5].tolist()} as absent; "
                 "format 2 writes every chunk (zarr would read them as the fill value)")
-    if int((entries[:, 0] + entries[:, 1]).max()) > len(data) - size:
+    present = entries[:, 0] != MAX_UINT64
+    if present.any() and int((entries[present, 0] + entries[present, 1]).max()) > len(data) - size:
         return f"{file}: shard index points past the end of the file (truncated)"
     return None
 
@@ -357,7 +362,7 @@ def verify_cache(path: str | Path, *, on_total=None, on_progress=None) -> Verify
             data = file.read_bytes()
             rep.files += 1
             rep.bytes += len(data)
-            fault = _check_shard_index(arr, data, file) if sharded else None
+            fault = _check_shard_index(arr, data, file, a) if sharded else None
             if fault is None:
                 try:
                     read_checked(arr, a, b)

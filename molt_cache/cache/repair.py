@@ -40,8 +40,18 @@ def repair_damage(out: Path, plans: list[SplitPlan], manifest: dict, opts: Layou
             damage.units += [u for u in find_damage(out).units if u not in damage.units]
         if damage.pooled:
             (out / PROGRESS_DIR / POOLED_RECORD).unlink(missing_ok=True)
+            _remove(out, damage.pooled)
     owners = unit_owners(plans, world)
-    for rec, _ in damage.units:
+    for rec, files in damage.units:
         if owners.get(rec.relative_to(out), rank) == rank:
             rec.unlink(missing_ok=True)
+            _remove(out, files)
     return True
+
+
+def _remove(out: Path, files: list[str]) -> None:
+    """Damaged files go before they are rewritten: zarr reads an existing shard before writing a
+    partial one (the last shard of an array), and would trip over the damage it is replacing."""
+    for rel in files:
+        if not rel.startswith("("):  # "(unreadable record)"
+            (out / rel).unlink(missing_ok=True)
