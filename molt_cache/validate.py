@@ -28,7 +28,7 @@ class Range:
         if self.hi is not None:
             parts.append(f"{'<' if self.hi_open else '≤'} {self.hi:g}")
         kind = "an integer" if self.integer else "a finite number"
-        return kind + (" " + " and ".join(parts) if parts else "")
+        return (" and ".join(parts) + f" ({kind})") if parts else kind
 
 
 COUNT = Range(lo=1, integer=True)  # epochs, batch sizes, widths

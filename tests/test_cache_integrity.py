@@ -237,7 +237,7 @@ def test_train_heads_refuses_bad_numbers_by_name_before_work(tmp_path, args, opt
 
 def test_robustness_refuses_nan_noise_by_name(tmp_path):
     res = runner.invoke(app, ["robustness", "--run", str(tmp_path / "nowhere"), "--noise", "0.1,nan"])
-    assert res.exit_code == 2 and "--noise must be a finite number ≥ 0, got nan" in res.output
+    assert res.exit_code == 2 and "--noise must be ≥ 0 (a finite number), got nan" in res.output
 
 
 def test_extract_and_sweep_refuse_bad_numbers_by_name(tmp_path):
