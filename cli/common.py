@@ -38,3 +38,10 @@ def parse_float_list(text: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{option}: expected comma-separated integers, got {text!r}") from None

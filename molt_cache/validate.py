@@ -22,12 +22,15 @@ class Range:
     optional: bool = False  # None allowed (e.g. --limit)
 
     def describe(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        if self.lo is not None and self.hi is not None:  # an interval: --missing-rate in [0, 1]
+            return (f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+                    f" ({kind})")
         parts = []
         if self.lo is not None:
             parts.append(f"{'>' if self.lo_open else '≥'} {self.lo:g}")
         if self.hi is not None:
             parts.append(f"{'<' if self.hi_open else '≤'} {self.hi:g}")
-        kind = "an integer" if self.integer else "a finite number"
         return (" and ".join(parts) + f" ({kind})") if parts else kind
 
 

@@ -190,6 +190,18 @@ def test_second_extract_into_a_held_folder_is_refused_naming_the_holder(clean, t
     assert run(root, out).complete  # the lock dies with its holder: nothing stale
 
 
+def test_ranks_of_one_job_share_the_lock_and_others_wait_for_nothing(tmp_path):
+    with writer_lock(tmp_path, job="torchrun:abc") as held:
+        assert held
+        with writer_lock(tmp_path, job="torchrun:abc") as shared:  # another rank of the same job
+            assert not shared
+        with pytest.raises(CacheLockedError, match=r"pid \d+ on "):
+            with writer_lock(tmp_path, job="torchrun:other", wait_s=0.2):
+                pass
+    with writer_lock(tmp_path, job="torchrun:other") as held:  # released on exit
+        assert held
+
+
 def test_two_concurrent_extract_processes_one_is_refused(clean, tmp_path):
     """Two real `molt extract` processes into one folder, one plain and one with --noise 0.2: the
     second is refused (exit 2) naming the first's pid and arguments; the folder holds the first."""
