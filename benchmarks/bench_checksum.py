@@ -57,16 +57,16 @@ def _extract_once(out: Path, tenc, ienc, checksums: bool) -> dict:
                         out_dir=str(out), num_workers=0)
     ctx = contextlib.nullcontext() if checksums else without_checksums()
     with ctx:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r = extract(cfg, progress=lambda d, t: None, reader=open_dataset("sample", None),
                     text_encoder=tenc, image_encoder=ienc)
-        first = time.perf_counter() - t0
+        first, cpu = time.perf_counter() - t0, time.process_time() - c0
         t0 = time.perf_counter()
         again = extract(cfg, progress=lambda d, t: None, reader=open_dataset("sample", None),
                         text_encoder=tenc, image_encoder=ienc)
         rerun = time.perf_counter() - t0
     assert r.complete and again.reused
-    return {"seconds": first, "encode": r.text_seconds + r.image_seconds, "rerun": rerun,
+    return {"seconds": first, "cpu": cpu, "encode": r.text_seconds + r.image_seconds, "rerun": rerun,
             "bytes": r.bytes_on_disk, "tokens": r.text_tokens, "images": r.images}
 
 
@@ -90,7 +90,7 @@ def bench_loader(reps: int, pairs: int) -> dict[str, list[float]]:
     from molt_cache.cache.loader import make_loader
     from molt_cache.cache.reader import open_cache
 
-    out: dict[str, list[float]] = {"with": [], "without": [], "stored": []}
+    out: dict[str, list[float]] = {"with": [], "without": [], "stored": [], "with_cpu": [], "without_cpu": []}
     with tempfile.TemporaryDirectory() as tmp:
         stored = 0
         for mode in ("with", "without"):
@@ -103,9 +103,12 @@ def bench_loader(reps: int, pairs: int) -> dict[str, list[float]]:
                     split = open_cache(Path(tmp) / mode).split("train")
                     loader = make_loader([split], batch_size=64, shuffle=True, seed=0, epoch=k,
                                          in_memory=False, num_workers=0)
+                    c0 = time.process_time()
                     seconds, _ = _epoch(loader)
+                    cpu = time.process_time() - c0
                 if k:
                     out[mode].append(seconds)
+                    out[mode + "_cpu"].append(cpu)
     return out
 
 
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     c_with, c_without = (med([r["encode"] for r in ex[m]]) for m in ("with", "without"))
     r_with, r_without = (med([r["rerun"] for r in ex[m]]) for m in ("with", "without"))
     l_with, l_without = med(ld["with"]), med(ld["without"])
+    ec_with, ec_without = (med([r["cpu"] for r in ex[m]]) for m in ("with", "without"))
+    lc_with, lc_without = med(ld["with_cpu"]), med(ld["without_cpu"])
     b = ex["with"][0]
     stored_mib = ld["stored"][0] / 2**20
     body = (
@@ -136,15 +141,25 @@ def main(argv: list[str] | None = None) -> None:
         "| | without | with | with / without |\n|---|---|---|---|\n"
         f"| extract, whole call (sample, tiny encoders, {b['tokens']} text tokens, {b['images']} images, "
         f"{b['bytes'] / 2**20:.1f} MiB on disk), s | {e_without:.2f} | {e_with:.2f} | {e_with / e_without:.3f} |\n"
+        f"| extract, whole call, CPU s (all threads; steadier on shared cores) | {ec_without:.2f} | {ec_with:.2f} | "
+        f"{ec_with / ec_without:.3f} |\n"
         f"| extract, encode + write phases only, s | {c_without:.2f} | {c_with:.2f} | {c_with / c_without:.3f} |\n"
         f"| extract rerun on the complete cache (reuse; *with* hashes every file), s | {r_without:.2f} | "
         f"{r_with:.2f} | {r_with / r_without:.3f} |\n"
         f"| loader, one shuffled streaming epoch ({args.pairs} pairs, {stored_mib:.0f} MiB fp16 features), s | "
         f"{l_without:.2f} | {l_with:.2f} | {l_with / l_without:.3f} |\n"
+        f"| loader epoch, CPU s | {lc_without:.2f} | {lc_with:.2f} | {lc_with / lc_without:.3f} |\n"
         f"| loader, stored MiB/s | {stored_mib / l_without:.0f} | {stored_mib / l_with:.0f} | "
         f"{l_without / l_with:.3f} |\n\n"
         "All runs: " + ", ".join(f"{m} extract {[round(r['seconds'], 2) for r in ex[m]]}" for m in ex)
-        + "; " + ", ".join(f"{m} loader {[round(s, 2) for s in ld[m]]}" for m in ("with", "without")) + ".\n")
+        + "; " + ", ".join(f"{m} loader {[round(s, 2) for s in ld[m]]}" for m in ("with", "without")) + ".\n\n"
+        "Reading: crc32c runs at ~7 GB/s per core here (google-crc32c, hardware instruction), so checking "
+        "a ~1 MiB chunk costs well under 1 % of decompressing it; what separates *with* from *without* "
+        "above is mostly the noise of cores shared with other jobs (the CPU-time rows are steadier than "
+        "the wall times). The sha256 of the completion records (~0.6 GB/s per core) is paid once per "
+        "written shard (a read-back from the page cache, on the writer thread, overlapped with encoding) "
+        "and, on every rerun of `molt extract`, once per file of the cache: about 1.7 s per GB, which a "
+        "rerun of a complete cache now spends before it says it is reusing it.\n")
     print(body)
     if not args.no_write:
         replace_section(SECTION, body)
