@@ -124,6 +124,21 @@ def test_one_flipped_bit_is_named_on_read_and_repaired(damaged, array):
     assert_repaired(root, clean_out, cache, units_redone=0 if "pairs" in array else 1)
 
 
+def test_cache_verify_and_info_cli(damaged):
+    root, clean_out, cache = damaged
+    ok = runner.invoke(app, ["cache", "verify", str(clean_out)])
+    assert ok.exit_code == 0 and "pass" in ok.output and "FAIL" not in ok.output
+    info = runner.invoke(app, ["cache", "info", str(clean_out)])
+    assert info.exit_code == 0 and "format version 2, complete" in info.output and "train" in info.output
+    f = shard(cache, "val/text/layer_1", 2)
+    flip(f, 3)
+    bad = runner.invoke(app, ["cache", "verify", str(cache)])
+    flat = " ".join(bad.output.split())
+    assert bad.exit_code == 1 and "FAIL" in bad.output and "val/text/layer_1" in flat and "rerun the same" in flat
+    missing = runner.invoke(app, ["cache", "info", str(cache / "nowhere")])
+    assert missing.exit_code == 2 and "holds no molt-cache manifest" in missing.output
+
+
 def test_sixteen_flipped_bytes_stop_training_with_a_named_error(damaged, tmp_path):
     root, clean_out, cache = damaged
     f = shard(cache, "train/text/layer_3")
