@@ -7,7 +7,6 @@ and tests; training goes through `loader.make_loader`, which reads whole chunks 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
