@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 BENCHMARKS = {"extract": "benchmarks.bench_extract", "train": "benchmarks.bench_train", "cca": "benchmarks.bench_cca",
-              "checksum": "benchmarks.bench_checksum"}
+              "checksum": "benchmarks.bench_checksum", "finite": "benchmarks.bench_finite"}
 
 
 def main(argv: list[str]) -> None:
