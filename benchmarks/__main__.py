@@ -5,7 +5,7 @@ import sys
 
 BENCHMARKS = {"extract": "benchmarks.bench_extract", "train": "benchmarks.bench_train", "cca": "benchmarks.bench_cca",
               "gpu": "benchmarks.bench_gpu",
-              "finite": "benchmarks.bench_finite"}
+              "checksum": "benchmarks.bench_checksum", "finite": "benchmarks.bench_finite"}
 
 
 def main(argv: list[str]) -> None:

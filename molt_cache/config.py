@@ -6,7 +6,10 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
+
+from molt_cache.validate import (COUNT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, Range,
+                                 check_numbers)
 
 T = TypeVar("T")
 
@@ -48,6 +51,14 @@ class HeadsConfig:
     multi_label: bool = False
     dropout: float = 0.0
 
+    NUMERIC: ClassVar[dict[str, Range]] = {
+        "d_common": COUNT, "layers": COUNT, "fbp_stride": COUNT, "cca_ridge": NON_NEGATIVE,
+        "cca_top_k": NON_NEGATIVE_INT, "num_classes": NON_NEGATIVE_INT,
+        "dropout": Range(lo=0, hi=1, hi_open=True)}
+
+    def validate(self) -> None:
+        check_numbers(self)
+
 
 @dataclass
 class TrainConfig:
@@ -71,3 +82,12 @@ class TrainConfig:
     train_noise: float = 0.0
     train_noise_on: str = "both"  # "image" | "text" | "both"
     reg: dict[str, float] = field(default_factory=dict)  # second-seed regularizers: name -> weight
+
+    NUMERIC: ClassVar[dict[str, Range]] = {
+        "epochs": COUNT, "batch_size": Range(lo=2, integer=True),  # DCCA needs two pairs a batch
+        "lr": POSITIVE, "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, "seed": NON_NEGATIVE_INT,
+        "patience": COUNT, "num_workers": NON_NEGATIVE_INT, "missing_rate": FRACTION,
+        "train_noise": NON_NEGATIVE, "reg": NON_NEGATIVE}
+
+    def validate(self) -> None:
+        check_numbers(self)

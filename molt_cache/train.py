@@ -31,6 +31,10 @@ from molt_cache.robustness.perturb import MissingTable, make_perturb
 RUN_FILES = ("config.json", "heads.safetensors", "metrics.json", "log.jsonl")
 
 
+class RunFileError(ValueError):
+    """A run folder's config.json or heads.safetensors is malformed; names the file and the fix."""
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -176,11 +180,33 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     missing = [f for f in ("config.json", "heads.safetensors") if not (run_dir / f).exists()]
     if missing:
         raise FileNotFoundError(f"{run_dir} is not a train-heads run folder: missing {missing}")
-    config = json.loads((run_dir / "config.json").read_text())
-    heads_cfg = from_dict(HeadsConfig, config["heads"])
-    train_cfg = from_dict(TrainConfig, config["train"])
-    heads = build_heads(heads_cfg, FeatureDims(**config["dims"]))
-    heads.load_state_dict(load_file(str(run_dir / "heads.safetensors")))
+    config_path, weights_path = run_dir / "config.json", run_dir / "heads.safetensors"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunFileError(f"{config_path}: not valid JSON ({e}); the run folder is damaged, "
+                           "retrain it with `molt train-heads`") from None
+    try:
+        heads_cfg = from_dict(HeadsConfig, config["heads"])
+        train_cfg = from_dict(TrainConfig, config["train"])
+        dims = FeatureDims(**config["dims"])
+        for key in ("dataset", "text", "image"):
+            config["cache"][key]  # noqa: B018 - robustness compares these with the cache
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunFileError(f"{config_path}: not a train-heads config ({type(e).__name__}: {e}); "
+                           "retrain it with `molt train-heads`") from None
+    heads = build_heads(heads_cfg, dims)
+    try:
+        state = load_file(str(weights_path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise RunFileError(f"{weights_path}: not a readable safetensors checkpoint ({e}); the run "
+                           "folder is damaged, retrain it with `molt train-heads`") from None
+    try:
+        heads.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise RunFileError(f"{weights_path}: does not fit the heads its config.json describes "
+                           f"({' '.join(first[:2])})") from None
     return heads.to(device).eval(), heads_cfg, train_cfg, config
 
 
@@ -225,6 +251,8 @@ def train_heads(cfg: TrainConfig, heads_cfg: HeadsConfig, *,
     on_epoch(record) after each epoch (the log.jsonl record); on_step(epoch, step, steps, loss)
     after each optimizer step (progress bars)."""
     # -- setup ---------------------------------------------------------------------------------
+    cfg.validate()
+    heads_cfg.validate()
     if not cfg.cache:
         raise ValueError("no cache given: pass --cache DIR (made by `molt extract`)")
     if not 0.0 <= cfg.missing_rate <= 1.0:

@@ -33,6 +33,7 @@ import torch
 import zarr
 
 from molt_cache.batch import FeatureBatch
+from molt_cache.cache.integrity import read_checked
 from molt_cache.cache.reader import CacheError, CacheSplit, ModalityArrays, to_float32
 
 # Refuse in-memory loading beyond this share of available RAM (the trainer needs the rest).
@@ -60,7 +61,7 @@ class ChunkLRU:
                 self._chunks.move_to_end(c)
                 return hit
         lo = c * self.rows_per_chunk
-        data = np.asarray(self.array[lo:min(lo + self.rows_per_chunk, self.array.shape[0])])
+        data = read_checked(self.array, lo, min(lo + self.rows_per_chunk, self.array.shape[0]))
         with self._lock:
             self.decodes += 1
             self._chunks[c] = data
@@ -81,7 +82,7 @@ class InMemoryArray:
     """Rows of one array loaded whole into RAM."""
 
     def __init__(self, array: zarr.Array):
-        self.data = np.asarray(array[...])
+        self.data = read_checked(array)
 
     def rows(self, lo: int, hi: int) -> np.ndarray:
         return self.data[lo:hi]
@@ -130,11 +131,11 @@ class _SplitPlan:
 def _pair_tables(split: CacheSplit) -> tuple[np.ndarray, ...]:
     cached = getattr(split, "_loader_tables", None)
     if cached is None:
-        cached = (np.asarray(split.text_index[...], dtype=np.int64),
-                  np.asarray(split.image_index[...], dtype=np.int64),
-                  np.asarray(split.target[...]),
-                  np.asarray(split.text.offsets[...], dtype=np.int64),
-                  np.asarray(split.image.offsets[...], dtype=np.int64))
+        cached = (read_checked(split.text_index).astype(np.int64, copy=False),
+                  read_checked(split.image_index).astype(np.int64, copy=False),
+                  read_checked(split.target),
+                  read_checked(split.text.offsets).astype(np.int64, copy=False),
+                  read_checked(split.image.offsets).astype(np.int64, copy=False))
         split._loader_tables = cached
     return cached
 
