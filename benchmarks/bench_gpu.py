@@ -321,7 +321,11 @@ def step_cuda_tests(ctx: dict) -> dict:
     """The `cuda`-marked tests in a fresh process. On a GPU none may fail or skip; on a CPU they
     all skip (reported, not a failure)."""
     junit = ctx["work"] / "cuda-tests.xml"
-    cmd = [sys.executable, "-m", "pytest", *CUDA_TESTS, "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    # A missing test file must not stop the others from running (pytest runs nothing when a named
+    # file is absent): run what exists, then fail the step naming what was missing.
+    missing = [t for t in CUDA_TESTS if not (REPO / t.split("::")[0]).exists()]
+    present = [t for t in CUDA_TESTS if t not in missing]
+    cmd = [sys.executable, "-m", "pytest", *present, "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}"]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=ctx["sizes"].timeouts["cuda_tests"])
     import xml.etree.ElementTree as ET
@@ -341,6 +345,8 @@ def step_cuda_tests(ctx: dict) -> dict:
            "returncode": res.returncode, "seconds": time.perf_counter() - t0, "failed": failed, "skipped_tests": skipped,
            "log_tail": (res.stdout + res.stderr)[-3000:]}
     on_gpu = ctx["device"].startswith("cuda")
+    if missing:
+        raise StepError(f"CUDA tests not found (not merged yet?): {missing}; the others: {counts}", out)
     if counts["tests"] == 0 or (res.returncode not in (0, 5) if not on_gpu else res.returncode != 0):
         raise StepError(f"pytest -m cuda exited {res.returncode}: {counts}; {failed[:3]}", out)
     if on_gpu and (counts["skipped"] or failed):
