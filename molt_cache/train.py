@@ -25,7 +25,7 @@ from molt_cache.config import HeadsConfig, TrainConfig, from_dict, to_dict
 from molt_cache.heads.model import FeatureDims, build_heads
 from molt_cache.losses.task import task_loss
 from molt_cache.metrics import compute_metrics, primary_metric
-from molt_cache.robustness.perturb import MissingTable, make_perturb
+from molt_cache.perturb import MissingTable, make_perturb
 
 RUN_FILES = ("config.json", "heads.safetensors", "metrics.json", "log.jsonl")
 

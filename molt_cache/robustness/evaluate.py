@@ -15,7 +15,7 @@ from typing import Callable
 
 from molt_cache.cache.loader import make_loader
 from molt_cache.cache.reader import open_cache
-from molt_cache.robustness.perturb import MissingTable, make_perturb
+from molt_cache.perturb import MissingTable, make_perturb
 from molt_cache.train import check_run_matches_cache, evaluate, load_run, resolve_device
 
 LEVELS = ("feature", "input")
