@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from molt_cache.heads.molt import attend
+from molt_cache.heads.molt import attend, gather_rows
 
 
 class Fusion(nn.Module):
@@ -33,7 +33,7 @@ class Fusion(nn.Module):
         image_rows (B,) int64: E_i and its mask hold the batch's distinct images (U, Ti, ...);
         the image keys/values are projected once per image and gathered to the pairs."""
         def pairs(t: torch.Tensor) -> torch.Tensor:
-            return t if image_rows is None else t.index_select(0, image_rows)
+            return gather_rows(t, image_rows)
 
         q = self.query_proj(query)[:, None, :]  # (B, 1, d_c) Q_r
         e_image = attend(q, pairs(self.image_key(image_final)), pairs(self.image_value(image_final)),
