@@ -219,3 +219,25 @@ def test_train_heads_store_matches_streaming(tmp_path):
         _train(tmp_path / "c", tmp_path / "x", in_memory=True, store="stream")
     grouped, _, _ = _train(tmp_path / "c", tmp_path / "g", pairs_per_image=3)
     assert grouped.epochs_run == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (GPU check)")
+def test_store_on_cuda_matches_cpu_without_host_syncs(tmp_path):
+    """On a GPU: the device and mixed placements give the CPU store's values, and assembling a
+    batch never synchronizes with the device (torch's sync debug mode raises if it does)."""
+    write_tiny_cache(tmp_path / "c", TinySpec(splits={"train": 37}))
+    split = open_cache(tmp_path / "c").split("train")
+    cpu = list(FeatureStore([split], PLACEMENTS[0], CPU).batches(batch_size=8, shuffle=True, seed=0, epoch=0))
+    for placement in (PLACEMENTS[0], PLACEMENTS[2]):
+        store = FeatureStore([split], placement, torch.device("cuda"))
+        loader = store.batches(batch_size=8, shuffle=True, seed=0, epoch=0)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            gpu = list(loader)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        for a, b in zip(cpu, gpu):
+            b = b.to("cpu")
+            assert torch.equal(a.image_rows, b.image_rows)
+            assert_same_batch(a.per_pair(), b)

@@ -212,6 +212,7 @@ class FeatureStore:
                         else torch.from_numpy(target.astype(np.int64))).to(self.device)
         self.pair_in_split = torch.from_numpy(
             np.concatenate([np.arange(s.num_pairs, dtype=np.int64) for s in splits])).to(self.device)
+        self.text_lengths, self.image_lengths = np.diff(self.text.offsets), np.diff(self.image.offsets)
         self.bytes_to_device = 0  # host -> device bytes so far (counted on every device)
         self.pairs_served = 0
         self._count_lock = threading.Lock()  # prefetch threads assemble batches concurrently
@@ -270,29 +271,38 @@ class FeatureStore:
         final = layers[-1] if m.final is m.layers[-1] else gather(m.final)
         return layers, final, pooled, mask
 
+    def host_indices(self, global_ids: np.ndarray):
+        """The host's share of a batch on the device placement: every index the batch needs, packed
+        for one copy. (text items, distinct images, packed int64, Tt, Ti)."""
+        text_items = self.text_index[global_ids]
+        uniq, image_rows = np.unique(self.image_index[global_ids], return_inverse=True)  # sorted
+        t_lo, t_len = self.text.offsets[text_items], self.text_lengths[text_items]
+        i_lo, i_len = self.image.offsets[uniq], self.image_lengths[uniq]
+        packed = np.concatenate([global_ids, text_items, t_lo, t_len, image_rows, uniq, i_lo, i_len])
+        return (text_items, uniq, packed, int(t_len.max()) if len(t_len) else 0,
+                int(i_len.max()) if len(i_len) else 0)
+
     def batch(self, global_ids: np.ndarray) -> FeatureBatch:
         """The batch of pairs `global_ids` (positions in the store's concatenated pair table)."""
-        text_items = self.text_index[global_ids]
-        image_items = self.image_index[global_ids]
-        uniq, image_rows = np.unique(image_items, return_inverse=True)  # distinct images, sorted
-        t_lo, t_len = self.text.offsets[text_items], np.diff(self.text.offsets)[text_items]
-        i_lo, i_len = self.image.offsets[uniq], np.diff(self.image.offsets)[uniq]
+        text_items, uniq, packed, Tt, Ti = self.host_indices(global_ids)
         B, U = len(global_ids), len(uniq)
-        # one host -> device copy of every index the batch needs
-        packed = np.concatenate([global_ids, text_items, t_lo, t_len, image_rows, uniq, i_lo, i_len])
-        dev = self._to_device(torch.from_numpy(packed.astype(np.int64)))
+        # page-locked, so the copy is asynchronous on a GPU (from pageable memory it would wait
+        # for the queued kernels: a hidden sync per batch)
+        host = self._host_buffer((len(packed),), torch.int64)
+        host.numpy()[:] = packed
+        dev = self._to_device(host)
         g, t_items, t_lo_d, t_len_d = dev[:B], dev[B:2 * B], dev[2 * B:3 * B], dev[3 * B:4 * B]
         rows_d, uniq_d, i_lo_d, i_len_d = (dev[4 * B:5 * B], dev[5 * B:5 * B + U],
                                            dev[5 * B + U:5 * B + 2 * U], dev[5 * B + 2 * U:])
-        Tt = int(t_len.max()) if B else 0
-        Ti = int(i_len.max()) if U else 0
         text = self._tokens(self.text, text_items, t_items, t_lo_d, t_len_d, Tt)
         image = self._tokens(self.image, uniq, uniq_d, i_lo_d, i_len_d, Ti)
-        batch = FeatureBatch.complete_pairs(text, image, self.targets.index_select(0, g),
-                                            self.pair_in_split.index_select(0, g))
-        batch.text_present = batch.text_present.to(self.device)
-        batch.image_present = batch.image_present.to(self.device)
-        batch.image_rows = rows_d
+        present = torch.ones(B, dtype=torch.bool, device=self.device)  # made there: no blocking copy
+        (t_layers, t_final, t_pooled, t_mask), (i_layers, i_final, i_pooled, i_mask) = text, image
+        batch = FeatureBatch(text_layers=t_layers, text_final=t_final, text_pooled=t_pooled, text_mask=t_mask,
+                             image_layers=i_layers, image_final=i_final, image_pooled=i_pooled,
+                             image_mask=i_mask, targets=self.targets.index_select(0, g),
+                             index=self.pair_in_split.index_select(0, g), text_present=present,
+                             image_present=present.clone(), image_rows=rows_d)
         with self._count_lock:
             self.pairs_served += B
         return batch
