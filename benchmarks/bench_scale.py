@@ -122,7 +122,9 @@ def loaders(split, device: torch.device, p: Preset) -> dict:
         loader = make_loader([split], in_memory=in_memory, **kw)
         next(iter(make_loader([split], in_memory=in_memory, **kw)))  # in memory: load, untimed
         load = time.perf_counter() - t0
-        r = _time_loader(loader, device, p.loader_batches, count_bytes=True)
+        r = min((_time_loader(make_loader([split], in_memory=in_memory, **kw) if rep else loader, device,
+                              p.loader_batches, count_bytes=True) for rep in range(2)),
+                key=lambda x: x["seconds"])  # best of two, as for the store
         out[name] = {**r, "load_s": load, "bytes_per_pair": r["bytes"] / r["pairs"]}
     for name, placement in (("store device", Placement("device", "device")),
                             ("store host", Placement("host", "host")),
@@ -133,10 +135,11 @@ def loaders(split, device: torch.device, p: Preset) -> dict:
         load = time.perf_counter() - t0
         list(zip(range(1), store.batches(batch_size=p.batch_size, shuffle=True, seed=0, epoch=1)))
         before = store.bytes_to_device
-        # the store is fast: time a whole epoch (at least the batches timed for today's loaders)
-        r = _time_loader(store.batches(batch_size=p.batch_size, shuffle=True, seed=0, epoch=0),
-                         device, 1 << 30, count_bytes=False)
-        moved = store.bytes_to_device - before
+        # the store is fast: time a whole epoch, best of two (the cores are shared)
+        r = min((_time_loader(store.batches(batch_size=p.batch_size, shuffle=True, seed=0, epoch=0),
+                              device, 1 << 30, count_bytes=False) for _ in range(2)),
+                key=lambda x: x["seconds"])
+        moved = (store.bytes_to_device - before) // 2
         out[name] = {**r, "bytes": moved, "load_s": load, "bytes_per_pair": moved / r["pairs"],
                      "stored_bytes": store.nbytes()}
         if placement.text == "device":
@@ -348,7 +351,7 @@ def section(r: dict) -> str:
              f"~{p['text_tokens']} tokens; image {p['text_layers']} layers + final × {p['image_width']}, "
              f"{p['image_tokens']} tokens; fp16, {_mib(r['stored_bytes'])} MiB stored; batch "
              f"{p['batch_size']}, d_c {r['d_c']}.", "",
-             "Loaders (shuffled order; today's loaders timed over their first "
+             "Loaders (shuffled order, best of two passes; today's loaders timed over their first "
              f"{p['loader_batches']} batches, the store over a whole epoch; *bytes/pair* = what "
              "crosses host → device per pair, counted on the CPU too; text stored bytes/pair = "
              f"{r['text_stored_bytes_per_pair'] / 1e6:.3f} MB):", "",
@@ -369,6 +372,7 @@ def section(r: dict) -> str:
                      f"{v['flops_per_pair'] / 1e9:.3f} | {v['last_loss']:.5f} |")
     lines += ["", f"Image-once is {e['speedup']:.1f}× faster; max |Δ logits| of the first batch "
               f"(same seeded heads) {e['max_abs_logit_diff']:.2e}."]
+    lines += ["", reading(r)]
     if "memory" in r:
         lines += ["", "Peak memory of one epoch per placement, each in a fresh process (RSS growth "
                   "over the process after imports" + ("; peak CUDA memory" if r["device"].startswith("cuda") else "")
@@ -379,6 +383,27 @@ def section(r: dict) -> str:
             lines.append(f"| {v['cache']} | {v['placement']} | {_mib(v['stored_bytes'])} | "
                          f"{_mib(v['rss_growth'])} | {_mib(v['device_peak'])} |")
     return "\n".join(lines) + "\n"
+
+
+def reading(r: dict) -> str:
+    """The run against the issue's goals, in numbers."""
+    L, e = r["loaders"], r["epoch"]
+    today = max(L[k]["pairs_per_s"] for k in ("today streaming", "today in memory"))
+    mixed = L["store mixed (text host, image device)"]["bytes_per_pair"]
+    flops = e["per-pair"]["flops_per_pair"] / e["image-once"]["flops_per_pair"]
+    return (
+        f"Against the goals: the best store placement delivers "
+        f"{r['loader_speedup_vs_best_today']:.1f}× today's best pairs/s here (goal 20×); "
+        f"bytes per pair crossing host → device: {L['store device']['bytes_per_pair']:.0f} B "
+        f"(indices) with everything on the device, {mixed / 1e6:.3f} MB mixed vs the text's "
+        f"{r['text_stored_bytes_per_pair'] / 1e6:.3f} MB stored (goal ≤), "
+        f"{L['today in memory']['bytes_per_pair'] / 2**20:.2f} MiB today; image-once epoch "
+        f"{e['speedup']:.1f}× faster than per-pair (goal 4×) for {flops:.1f}× fewer FLOPs, "
+        f"|Δ logits| {e['max_abs_logit_diff']:.1e}. The host's whole share of a device-placed "
+        f"batch (indices only) runs at {L['store device, host share only']['pairs_per_s']:.0f} pairs/s "
+        f"({L['store device, host share only']['pairs_per_s'] / today:.0f}× today's loaders), "
+        "which is what a GPU would wait for; on a CPU the store's gathers and the float32 widening "
+        "run on the same cores as everything else.")
 
 
 def main(argv: list[str] | None = None) -> None:

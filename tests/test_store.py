@@ -167,8 +167,8 @@ def test_bytes_to_device_counts_indices_and_host_rows(tmp_path):
             n_idx = 8 * (5 * len(ids) + 3 * len(images))  # packed int64 indices
             t_rows = int(np.diff(offsets["text"])[text_index[ids]].sum())
             i_rows = int(np.diff(offsets["image"])[images].sum())
-            text = 2 * (2 * 6 * (t_rows + 1) + 6 * len(ids))  # 2 layers x 6 wide (final = last), pooled 6
-            image = 2 * (5 * 3 * (i_rows + 1) + 4 * len(images))  # 2 layers + final x 5, pooled 4
+            text = 2 * (2 * 6 * t_rows + 6 * len(ids))  # 2 layers x 6 wide (final = last), pooled 6
+            image = 2 * (5 * 3 * i_rows + 4 * len(images))  # 2 layers + final x 5, pooled 4
             expected[key] += n_idx + {"device": 0, "host": text + image, "mixed": text}[key]
         assert store.bytes_to_device == expected[key], key
         assert store.pairs_served == 37

@@ -250,8 +250,8 @@ class FeatureStore:
 
             pooled = m.pooled.index_select(0, items_dev).float()
         else:
-            # host: only the real rows cross, in the stored dtype, then one zero row that the
-            # padding positions gather from on the device
+            # host: only the real rows cross, in the stored dtype; the zero row that padding
+            # positions gather from is added on the device
             lo, lengths = m.offsets[items], np.diff(m.offsets)[items]
             total = int(lengths.sum())
             flat = torch.from_numpy(np.repeat(lo - (np.cumsum(lengths) - lengths), lengths)
@@ -259,10 +259,11 @@ class FeatureStore:
             idx, mask = _padded_index(lengths_dev.cumsum(0) - lengths_dev, lengths_dev, T, total)
 
             def gather(a: torch.Tensor) -> torch.Tensor:
-                rows = self._host_buffer((total + 1, a.shape[1]), a.dtype)
-                torch.index_select(a, 0, flat, out=rows[:total])
-                rows[total].zero_()
-                return self._to_device(rows).index_select(0, idx).view(n, T, a.shape[1]).float()
+                rows = self._host_buffer((total, a.shape[1]), a.dtype)
+                torch.index_select(a, 0, flat, out=rows)
+                rows = self._to_device(rows)
+                rows = torch.cat([rows, rows.new_zeros((1, a.shape[1]))])
+                return rows.index_select(0, idx).view(n, T, a.shape[1]).float()
 
             pooled_rows = self._host_buffer((n, m.pooled.shape[1]), m.pooled.dtype)
             torch.index_select(m.pooled, 0, torch.from_numpy(items), out=pooled_rows)
