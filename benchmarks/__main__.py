@@ -4,7 +4,8 @@ from __future__ import annotations
 import sys
 
 BENCHMARKS = {"extract": "benchmarks.bench_extract", "train": "benchmarks.bench_train", "cca": "benchmarks.bench_cca",
-              "scale": "benchmarks.bench_scale", "grouping": "benchmarks.bench_grouping"}
+              "scale": "benchmarks.bench_scale", "grouping": "benchmarks.bench_grouping",
+              "finite": "benchmarks.bench_finite"}
 
 
 def main(argv: list[str]) -> None:
