@@ -241,3 +241,16 @@ def test_store_on_cuda_matches_cpu_without_host_syncs(tmp_path):
             b = b.to("cpu")
             assert torch.equal(a.image_rows, b.image_rows)
             assert_same_batch(a.per_pair(), b)
+
+
+def test_nonfinite_rows_names_every_pair_of_a_shared_bad_image(tmp_path):
+    """The non-finite check (molt_cache/finite.py) on a deduplicated batch: a NaN in one stored image
+    is reported for each pair that shows it."""
+    from molt_cache.finite import nonfinite_rows
+
+    write_tiny_cache(tmp_path / "c", TinySpec(splits={"train": 12}, pairs_per_image=4))
+    split = open_cache(tmp_path / "c").split("train")
+    batch = next(iter(FeatureStore([split], PLACEMENTS[0], CPU).batches(batch_size=12, shuffle=False,
+                                                                       seed=0, epoch=0)))
+    batch.image_final[1, 0, 0] = float("nan")  # image 1 = pairs 4..7
+    assert nonfinite_rows(batch) == [4, 5, 6, 7]
