@@ -39,7 +39,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from benchmarks.bench_loader import write_bench_cache

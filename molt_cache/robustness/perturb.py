@@ -1,6 +1,7 @@
 """Moved to `molt_cache.perturb` (training uses the perturbations as much as robustness does).
 Re-exported here so code written against the old path keeps importing."""
-from molt_cache.perturb import *  # noqa: F401,F403
-from molt_cache.perturb import (BOTH_IMAGE_SHARE, MISSING_TYPES, MODALITIES, NOISE_ON,  # noqa: F401
-                                STRATEGIES, MissingTable, gaussian_noise, make_perturb, missing,
-                                sample_generator)
+from molt_cache.perturb import (BOTH_IMAGE_SHARE, MISSING_TYPES, MODALITIES, NOISE_ON, STRATEGIES,
+                                MissingTable, gaussian_noise, make_perturb, missing, sample_generator)
+
+__all__ = ["BOTH_IMAGE_SHARE", "MISSING_TYPES", "MODALITIES", "NOISE_ON", "STRATEGIES", "MissingTable",
+           "gaussian_noise", "make_perturb", "missing", "sample_generator"]
