@@ -115,7 +115,9 @@ def _time_loader(batches, device: torch.device, limit: int, count_bytes: bool) -
 
 def loaders(split, device: torch.device, p: Preset) -> dict:
     """pairs/s delivered to `device` and host->device bytes per pair, per loader."""
-    kw = dict(batch_size=p.batch_size, shuffle=True, seed=0, epoch=0, num_workers=0, pin_memory=False)
+    # as train-heads runs today's loaders: page-locked batches only when they go to a GPU
+    kw = dict(batch_size=p.batch_size, shuffle=True, seed=0, epoch=0, num_workers=0,
+              pin_memory=device.type == "cuda")
     out = {}
     for name, in_memory in (("today streaming", False), ("today in memory", True)):
         t0 = time.perf_counter()
