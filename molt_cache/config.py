@@ -75,7 +75,9 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1"
     amp: str = "auto"  # "auto" (fp16 on CUDA, off on CPU) | "off" | "fp16" | "bf16"
     patience: int = 5  # early stopping on the val metric
-    in_memory: bool = False
+    in_memory: bool = False  # alias of store="host" (kept: older run configs and scripts use it)
+    store: str = "auto"  # feature store placement: auto (fastest that fits) | device | host | stream
+    pairs_per_image: int = 0  # K > 0: training batches hold B/K images with K pairs each; 0 = i.i.d.
     num_workers: int = 0
     missing_rate: float = 0.0
     missing_type: str = "both"  # "both" | "text" | "image"

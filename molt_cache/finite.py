@@ -108,6 +108,7 @@ def check_step(*, loss: torch.Tensor | None = None, params: list[torch.nn.Parame
 
 def nonfinite_rows(batch: Any) -> list[int]:
     """Pair indices of a FeatureBatch whose cached features hold inf/NaN."""
+    batch = batch.per_pair()  # the feature store's batches hold each image once: one row per pair here
     feats = [*batch.text_layers, batch.text_final, batch.text_pooled, *batch.image_layers, batch.image_final,
              batch.image_pooled]
     rows = torch.zeros(batch.size, dtype=torch.bool)

@@ -16,7 +16,7 @@ from typing import Callable, ClassVar
 from molt_cache.cache.loader import make_loader
 from molt_cache.cache.reader import open_cache
 from molt_cache.finite import scan_split
-from molt_cache.robustness.perturb import MissingTable, make_perturb
+from molt_cache.perturb import MissingTable, make_perturb
 from molt_cache.train import check_run_matches_cache, evaluate, load_run, resolve_device
 from molt_cache.validate import COUNT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, Range, check_numbers
 
