@@ -4,6 +4,7 @@ import typer
 from cli.datasets import datasets_app
 from cli.demo import demo
 from cli.extract import extract
+from cli.predict import predict
 from cli.robustness import robustness
 from cli.sweep import sweep
 from cli.train_heads import train_heads
@@ -14,6 +15,7 @@ app.command("extract")(extract)
 app.command("train-heads")(train_heads)
 app.command("robustness")(robustness)
 app.command("sweep")(sweep)
+app.command("predict")(predict)
 app.command("demo")(demo)
 app.add_typer(datasets_app, name="datasets")
 
