@@ -25,11 +25,17 @@ def log_line(line: str) -> None:
 def print_config(title: str, *configs, to: Console | None = None) -> None:
     """Print the resolved config at start (what runs is what you see), one line per config;
     `to` another console (stderr, when stdout carries JSON for scripts)."""
+    out = to or console
     lines = []
     for c in configs:
         fields = "  ".join(f"{k}={json.dumps(v, default=str)}" for k, v in dataclasses.asdict(c).items())
-        lines.append(f"[bold]{type(c).__name__}[/]  {escape(fields)}")
-    (to or console).print(Panel("\n".join(lines), title=title, expand=False))
+        lines.append((type(c).__name__, fields))
+    if not out.is_terminal:  # a log file: whole lines, no box to crop or wrap them
+        for name, fields in lines:
+            out.print(f"{title}: {name}  {fields}", markup=False, highlight=False)
+        return
+    out.print(Panel("\n".join(f"[bold]{name}[/]  {escape(fields)}" for name, fields in lines), title=title,
+                    expand=False), soft_wrap=False)
 
 
 @contextlib.contextmanager

@@ -37,7 +37,9 @@ def extract(
 
     Rerun the same command to resume; under torchrun each rank takes its share of the work units.
 
-    Example: molt extract --dataset snli-ve --root /data/snli-ve --text hf:/models/llama-7b --image open_clip:ViT-L-14 --image-weights /models/vit-l-14.bin
+    Example (the bundled sample, into the folder `molt demo` uses, so it is reused): molt extract --dataset sample --out-dir molt-out/demo/shipped/cache
+
+    Example (a release on disk): molt extract --dataset snli-ve --root /data/snli-ve --text hf:/models/llama-7b --image open_clip:ViT-L-14 --image-weights /models/vit-l-14.bin
     """
     from cli.progress import ExtractBars
     from molt_cache.extract import extract as run

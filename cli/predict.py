@@ -51,9 +51,11 @@ def predict(
 ):
     """Classify new image–text pairs with a trained run; either modality may be absent per input.
 
-    Example (after `molt demo --tiny`): molt predict --run molt-out/demo/tiny/runs/molt --image data/sample/images/img_000.jpg --text "a photo of a cat"
+    Example (the MoLT run `molt demo` trained): molt predict --run molt-out/demo/shipped/runs/molt --image data/sample/images/img_000.jpg --text "a photo of a cat"
 
-    Example: molt predict --run molt-out/demo/tiny/runs/molt --input data/sample/manifest.jsonl --out preds.jsonl
+    Example (text only): molt predict --run molt-out/demo/shipped/runs/molt --text "a puppy next to something blue"
+
+    Example (a file of pairs, JSON lines out): molt predict --run molt-out/demo/shipped/runs/molt --input data/sample/manifest.jsonl --out preds.jsonl
     """
     from molt_cache.predict import Classifier, PredictInput, read_inputs
 

@@ -18,7 +18,8 @@ from molt_cache.cache.reader import open_cache
 from molt_cache.config import HeadsConfig, TrainConfig
 from molt_cache.datasets.base import DatasetError
 from molt_cache.extract import ExtractConfig, extract
-from molt_cache.predict import Classifier, RunMismatchError, read_inputs
+from molt_cache import Classifier
+from molt_cache.predict import RunMismatchError, read_inputs
 from molt_cache.robustness.perturb import missing
 from molt_cache.train import predict as heads_logits
 from molt_cache.train import train_heads
