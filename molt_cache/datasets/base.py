@@ -5,7 +5,6 @@ streams `Sample`s; stage one (`molt extract`) only ever sees this interface.
 """
 from __future__ import annotations
 
-import io
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,26 +33,22 @@ class ImageRef:
     index: int | None = None
 
     def open(self) -> Image.Image:
-        """Decode to an RGB PIL image; raise DatasetError naming the file on any failure."""
-        try:
-            if self.kind == "file":
-                with open(self.path, "rb") as f:
-                    data = f.read()
-                img = Image.open(io.BytesIO(data))
-                img.load()  # force full decode so truncated / corrupt JPEGs fail here
-                return img.convert("RGB")
-            if self.kind == "hdf5":
+        """Decode to an RGB PIL image (`datasets.images.decode_image`: EXIF orientation, alpha on
+        white, high bit depth scaled by range); raise DatasetError naming the file on any failure."""
+        from .images import array_to_image, decode_image
+
+        if self.kind == "file":
+            return decode_image(self.path, source=self.path)
+        if self.kind == "hdf5":
+            where = f"{self.path}[images][{self.index}]"
+            try:
                 import h5py
-                import numpy as np
 
                 with h5py.File(self.path, "r") as f:
-                    arr = np.asarray(f["images"][self.index])  # (3, H, W) uint8
-                return Image.fromarray(np.ascontiguousarray(arr.transpose(1, 2, 0))).convert("RGB")
-        except DatasetError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any decode failure becomes a named error
-            where = self.path if self.index is None else f"{self.path}[images][{self.index}]"
-            raise DatasetError(f"cannot read image {where}: {type(e).__name__}: {e}") from e
+                    arr = f["images"][self.index]  # (3, H, W), any numeric dtype of the release
+            except Exception as e:  # noqa: BLE001 - any read failure becomes a named error
+                raise DatasetError(f"cannot read image {where}: {type(e).__name__}: {e}") from e
+            return array_to_image(arr, source=where, channels_first=True)
         raise DatasetError(f"unknown image kind {self.kind!r} for {self.path}")
 
 
@@ -101,6 +96,21 @@ class BadRowReport:
 
     def summary(self) -> str:
         return f"{len(self.rows)} bad rows skipped" if self.rows else "no bad rows"
+
+
+class SeenIds:
+    """Sample ids seen so far in one split: a repeated id is a bad row naming where it first was
+    (the cache and the metrics key pairs by id, so a duplicate must never pass silently)."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, str] = {}
+
+    def duplicate(self, sample_id: str, source: str) -> str | None:
+        """None the first time; afterwards the bad-row reason."""
+        if sample_id in self.first:
+            return f"duplicate sample id {sample_id!r} (first at {self.first[sample_id]})"
+        self.first[sample_id] = source
+        return None
 
 
 class DatasetReader(ABC):
