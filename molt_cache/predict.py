@@ -27,8 +27,9 @@ import torch
 from molt_cache.batch import FeatureBatch
 from molt_cache.cache.reader import to_float32
 from molt_cache.datasets.base import BadRow, DatasetError
+from molt_cache.finite import NonFiniteFeatureError
 from molt_cache.extract.encode import ItemStates, encode_items, load_image, text_batches
-from molt_cache.extract.plan import tokenize_texts
+from molt_cache.encoders.text_limits import tokenize_splits
 
 STRATEGIES = ("zero", "empty", "translate")
 ON_BAD = ("error", "skip")
@@ -136,7 +137,8 @@ def check_encoders_match_run(config: dict, text_encoder, image_encoder, run: Pat
     if diffs:
         raise RunMismatchError(f"the encoders loaded for prediction differ from the ones the heads in {run} "
                                "were trained on:\n  " + "\n  ".join(diffs)
-                               + "\nload the same weights and layer choice (--text / --image / --image-weights), "
+                               + "\nload the same weights and layer choice (--text-encoder / --image-encoder / "
+                               "--image-weights; from Python text= / image= / image_weights=), "
                                "or train heads on a cache of these encoders")
 
 
@@ -192,7 +194,10 @@ class Classifier:
             if not text_spec or not image_spec:
                 raise ValueError(f"{run} does not say which encoders made its cache; pass --text and --image")
             if text_encoder is None:
-                text_encoder = create_text_encoder(text_spec, device=dev, dtype=dtype, layers=layers)
+                # the token cap the cache was extracted with (--max-length), so long texts are cut alike
+                requested = config["cache"]["text"].get("extra", {}).get("max_length_limits", {}).get("requested")
+                text_encoder = create_text_encoder(text_spec, device=dev, dtype=dtype, layers=layers,
+                                                   max_length=requested)
             if image_encoder is None:
                 image_encoder = create_image_encoder(image_spec, device=dev, dtype=dtype, layers=layers,
                                                      weights=image_weights or specs["image_weights"])
@@ -201,25 +206,37 @@ class Classifier:
 
     # -- encoding ---------------------------------------------------------------------------
 
-    def _encode_texts(self, texts: list[str]) -> list[ItemStates]:
-        ids = tokenize_texts(self.text_encoder, texts)
+    @staticmethod
+    def _name_row(e: NonFiniteFeatureError, row_ids: list[str]) -> NonFiniteFeatureError:
+        e.sample_id = row_ids[e.item]  # encode_items numbered the batch by position in `row_ids`
+        e.args = (e._message(),)
+        return e
+
+    def _encode_texts(self, texts: list[str], row_ids: list[str]) -> list[ItemStates]:
+        (ids,), _ = tokenize_splits(self.text_encoder, [("input", texts)])  # as extraction tokenizes
         lengths = np.array([len(t) for t in ids], dtype=np.int64)
         everything = np.arange(len(ids))
         states: list[ItemStates | None] = [None] * len(ids)
         # the batching `molt extract` uses: equal-length batches, no padding token in any batch
         for batch in text_batches(everything, everything, lengths, self.batch_tokens, single=False):
-            encoded = encode_items(self.text_encoder, [ids[k] for k in batch], modality="text",
-                                   dtype=self.dtypes["text"])
+            try:
+                encoded = encode_items(self.text_encoder, [ids[k] for k in batch], modality="text",
+                                       dtype=self.dtypes["text"], items=batch)
+            except NonFiniteFeatureError as e:
+                raise self._name_row(e, row_ids) from None
             for k, item in zip(batch, encoded.items):
                 states[k] = item
         return states
 
-    def _encode_images(self, pixels: list[torch.Tensor]) -> list[ItemStates]:
+    def _encode_images(self, pixels: list[torch.Tensor], row_ids: list[str]) -> list[ItemStates]:
         enc = self.image_encoder
         if not pixels:
             return []
         px = torch.stack(pixels).to(enc.device, enc.dtype)
-        return encode_items(enc, px, modality="image", dtype=self.dtypes["image"]).items
+        try:
+            return encode_items(enc, px, modality="image", dtype=self.dtypes["image"]).items
+        except NonFiniteFeatureError as e:
+            raise self._name_row(e, row_ids) from None
 
     def _absent(self, modality: str) -> ItemStates:
         """Zero states for an absent modality ("zero" / "translate"): the image keeps its fixed
@@ -257,7 +274,8 @@ class Classifier:
         empty = self.strategy == "empty"
         text_rows = [i for i, r in enumerate(rows) if r.has_text or empty]
         texts = [str(rows[i].text) if rows[i].has_text else "" for i in text_rows]
-        text_states = dict(zip(text_rows, self._encode_texts(texts) if texts else []))
+        text_states = dict(zip(text_rows, self._encode_texts(texts, [rows[i].id for i in text_rows])
+                               if texts else []))
         image_rows = [i for i, r in enumerate(rows) if r.has_image or empty]
         blank = None
         pix = []
@@ -268,7 +286,7 @@ class Classifier:
                 if blank is None:
                     blank = self.image_encoder.transform(load_image(None))
                 pix.append(blank)
-        image_states = dict(zip(image_rows, self._encode_images(pix)))
+        image_states = dict(zip(image_rows, self._encode_images(pix, [rows[i].id for i in image_rows])))
         text_items = [text_states.get(i) or self._absent("text") for i in range(len(rows))]
         image_items = [image_states.get(i) or self._absent("image") for i in range(len(rows))]
         text_present = torch.tensor([empty or r.has_text for r in rows])
