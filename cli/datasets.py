@@ -35,7 +35,7 @@ def check(
 
     Example: molt datasets check --dataset sample --decode-images
 
-    Example (a release on disk): molt datasets check --dataset snli-ve --root /data/snli-ve --on-bad skip --report-dir reports/snli-ve-check
+    Example: molt datasets check --dataset snli-ve --root /data/snli-ve --on-bad skip --report-dir reports/snli-ve-check   (a release on disk)
     """
     from pathlib import Path
 

@@ -38,9 +38,9 @@ def extract(
 
     Rerun the same command to resume; under torchrun each rank takes its share of the work units.
 
-    Example (the bundled sample, into the folder `molt demo` uses, so it is reused): molt extract --dataset sample --out-dir molt-out/demo/shipped/cache
+    Example: molt extract --dataset sample --out-dir molt-out/demo/shipped/cache   (the bundled sample, into the folder `molt demo` uses, so it is reused)
 
-    Example (a release on disk): molt extract --dataset snli-ve --root /data/snli-ve --text hf:/models/llama-7b --image open_clip:ViT-L-14 --image-weights /models/vit-l-14.bin
+    Example: molt extract --dataset snli-ve --root /data/snli-ve --text hf:/models/llama-7b --image open_clip:ViT-L-14 --image-weights /models/vit-l-14.bin   (a release on disk)
     """
     from cli.progress import ExtractBars
     from molt_cache.extract import extract as run

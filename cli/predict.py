@@ -51,11 +51,11 @@ def predict(
 ):
     """Classify new image–text pairs with a trained run; either modality may be absent per input.
 
-    Example (the MoLT run `molt demo` trained): molt predict --run molt-out/demo/shipped/runs/molt --image data/sample/images/img_000.jpg --text "a photo of a cat"
+    Example: molt predict --run molt-out/demo/shipped/runs/molt --image data/sample/images/img_000.jpg --text "a photo of a cat"   (the MoLT run `molt demo` trained)
 
-    Example (text only): molt predict --run molt-out/demo/shipped/runs/molt --text "a puppy next to something blue"
+    Example: molt predict --run molt-out/demo/shipped/runs/molt --text "a puppy next to something blue"   (text only)
 
-    Example (a file of pairs, JSON lines out): molt predict --run molt-out/demo/shipped/runs/molt --input data/sample/manifest.jsonl --out preds.jsonl
+    Example: molt predict --run molt-out/demo/shipped/runs/molt --input data/sample/manifest.jsonl --out preds.jsonl   (a file of pairs, JSON lines out)
     """
     from molt_cache.predict import Classifier, PredictInput, read_inputs
 

@@ -26,7 +26,7 @@ def robustness(
 ):
     """Evaluate trained heads with a modality absent or noised, like the paper's Table 3.
 
-    Example (the runs `molt demo` trained): molt robustness --run molt-out/demo/shipped/runs/molt --run molt-out/demo/shipped/runs/baseline --noise 0.01,0.05,0.1,0.2 --level feature,input --report-dir reports/robustness
+    Example: molt robustness --run molt-out/demo/shipped/runs/molt --run molt-out/demo/shipped/runs/baseline --noise 0.01,0.05,0.1,0.2 --level feature,input --report-dir reports/robustness   (the runs `molt demo` trained)
     """
     from cli.progress import ExtractBars
     from molt_cache.robustness.evaluate import run_robustness

@@ -27,9 +27,9 @@ def sweep(
 ):
     """Train every variant × seed from one cache; table of mean ± std, clean and under perturbations.
 
-    Example (a few minutes on 2 CPU cores, the cache `molt demo` wrote): molt sweep --cache molt-out/demo/shipped/cache --variants molt,baseline --seeds 0,1 --d-common 128 --epochs 10 --out-dir runs/sweep-demo
+    Example: molt sweep --cache molt-out/demo/shipped/cache --variants molt,baseline --seeds 0,1 --d-common 128 --epochs 10 --out-dir runs/sweep-demo   (a few minutes on 2 CPU cores, the cache `molt demo` wrote)
 
-    Example (the paper's Table 2 on that cache; longer): molt sweep --cache molt-out/demo/shipped/cache --variants molt,baseline,ablate:cca,reg:bridge --seeds 0,1,2 --d-common 128
+    Example: molt sweep --cache molt-out/demo/shipped/cache --variants molt,baseline,ablate:cca,reg:bridge --seeds 0,1,2 --d-common 128   (the paper's Table 2 on that cache; longer)
     """
     from molt_cache.sweep import run_sweep, summarize, write_sweep_report
 
