@@ -4,6 +4,7 @@ import sys
 
 import typer
 
+from cli.cache import cache_app
 from cli.datasets import datasets_app
 from cli.demo import demo
 from cli.extract import extract
@@ -32,6 +33,7 @@ app.command("sweep")(sweep)
 app.command("predict")(predict)
 app.command("demo")(demo)
 app.add_typer(datasets_app, name="datasets")
+app.add_typer(cache_app, name="cache")
 
 if __name__ == "__main__":
     app()

@@ -11,9 +11,10 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 from molt_cache.config import HeadsConfig, TrainConfig
+from molt_cache.validate import COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, Range, check_numbers
 
 
 @dataclass
@@ -29,6 +30,13 @@ class DemoConfig:
     noise: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.2])
     levels: list[str] = field(default_factory=lambda: ["feature", "input"])
     device: str = "auto"
+
+    NUMERIC: ClassVar[dict[str, Range]] = {
+        "d_common": COUNT, "epochs": COUNT, "patience": COUNT, "batch_size": Range(lo=2, integer=True),
+        "lr": POSITIVE, "seed": NON_NEGATIVE_INT, "noise": NON_NEGATIVE}
+
+    def validate(self) -> None:
+        check_numbers(self)
 
     @property
     def text_spec(self) -> str:
@@ -66,6 +74,7 @@ def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] = print,
     from molt_cache.robustness.report import write_report
     from molt_cache.train import train_heads
 
+    cfg.validate()
     layout = demo_layout(cfg)
     seconds: dict[str, float] = {}
 
