@@ -20,7 +20,7 @@ from molt_cache.datasets.base import DatasetError
 from molt_cache.extract import ExtractConfig, extract
 from molt_cache import Classifier
 from molt_cache.predict import RunMismatchError, read_inputs
-from molt_cache.robustness.perturb import missing
+from molt_cache.perturb import missing
 from molt_cache.train import predict as heads_logits
 from molt_cache.train import train_heads
 
