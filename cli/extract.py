@@ -39,7 +39,9 @@ def extract(
 
     Rerun the same command to resume; under torchrun each rank takes its share of the work units.
 
-    Example: molt extract --dataset snli-ve --root /data/snli-ve --text hf:/models/llama-7b --image open_clip:ViT-L-14 --image-weights /models/vit-l-14.bin
+    Example: molt extract --dataset sample --out-dir molt-out/demo/shipped/cache   (the bundled sample, into the folder `molt demo` uses, so it is reused)
+
+    Example: molt extract --dataset snli-ve --root /data/snli-ve --text hf:/models/llama-7b --image open_clip:ViT-L-14 --image-weights /models/vit-l-14.bin   (a release on disk)
     """
     if devices is not None:
         options = {k: v for k, v in locals().items() if k not in ("devices", "device")}  # the parameters only

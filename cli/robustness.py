@@ -26,7 +26,7 @@ def robustness(
 ):
     """Evaluate trained heads with a modality absent or noised, like the paper's Table 3.
 
-    Example: molt robustness --run runs/molt --run runs/baseline --noise 0.01,0.05,0.1,0.2 --level feature,input
+    Example: molt robustness --run molt-out/demo/shipped/runs/molt --run molt-out/demo/shipped/runs/baseline --noise 0.01,0.05,0.1,0.2 --level feature,input --report-dir reports/robustness   (the runs `molt demo` trained)
     """
     from cli.progress import ExtractBars
     from molt_cache.robustness.evaluate import run_robustness
@@ -44,4 +44,6 @@ def robustness(
             rows = run_robustness(cfg, log=console.print, extract_callbacks=bars.callbacks())
         paths = write_report(rows, cfg.report_dir, dataclasses.asdict(cfg))
     console.print(robustness_table(rows, title=f"Robustness on {split} (seed {seed})"))
-    console.print(f"report folder: {paths['json'].parent}")
+    console.print(f"report folder: {paths['json'].parent}", markup=False, highlight=False)
+    for path in paths.values():
+        console.print(f"  wrote {path}", markup=False, highlight=False)

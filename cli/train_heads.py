@@ -41,7 +41,7 @@ def train_heads(
 ):
     """Train the MoLT (or baseline) heads from a feature cache; never loads an encoder.
 
-    Example: molt train-heads --cache caches/sample --run-dir runs/molt --d-common 128 --epochs 30
+    Example: molt train-heads --cache molt-out/demo/shipped/cache --run-dir runs/molt --d-common 128 --epochs 30   (the cache `molt demo` wrote)
     """
     from molt_cache.train import train_heads as run
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from _cache_fixture import TinySpec, write_tiny_cache
+from _cache_fixture import TinySpec, _store, write_tiny_cache
 
 from molt_cache.cache import loader as loader_mod
 from molt_cache.cache.loader import grouped_order, make_loader
@@ -70,10 +70,9 @@ def _to_bfloat16(path):
         for name in [k for k in g.array_keys() if k.startswith(("layer_", "final", "pooled"))]:
             values = np.asarray(g[name][...]).astype(np.float32)
             bits = (values.view(np.uint32) >> 16).astype(np.uint16)  # truncate to bf16
-            chunks = g[name].chunks
+            rows = g[name].chunks[0]
             del g[name]
-            a = g.create_array(name, shape=bits.shape, dtype=np.uint16, chunks=chunks)
-            a[...] = bits
+            _store(g, name, bits, rows)  # format 2's codecs (crc32c, every chunk written)
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["text"]["dtype"] = manifest["image"]["dtype"] = "bfloat16"
     root.attrs["molt_cache"] = manifest

@@ -34,6 +34,7 @@ import torch
 
 from molt_cache.batch import FeatureBatch
 from molt_cache.cache import loader as _loader
+from molt_cache.cache.integrity import read_checked
 from molt_cache.cache.reader import CacheSplit, ModalityArrays
 
 PLACEMENTS = ("auto", "device", "host", "stream")
@@ -133,7 +134,7 @@ def _load_array(arrays: list, dtype: str, rows: int, width: int, device: torch.d
     for a in arrays:
         step = max(1, int(a.chunks[0]) * max(1, (64 << 20) // max(1, int(a.chunks[0]) * width * 2)))
         for start in range(0, a.shape[0], step):
-            part = np.asarray(a[start:start + step])
+            part = read_checked(a, start, min(start + step, a.shape[0]))  # damage named
             if bf16_bits:
                 t = torch.from_numpy(part.view(np.int16)).view(torch.bfloat16)
             else:
@@ -154,7 +155,7 @@ class _Modality:
         self.dtype = first.stored_dtype
         offsets, bases, row, items = [], [], 0, 0
         for a in arrays:
-            o = np.asarray(a.offsets[...], dtype=np.int64)
+            o = read_checked(a.offsets).astype(np.int64, copy=False)
             offsets.append(o[:-1] + row)
             bases.append(items)
             row, items = row + int(o[-1]), items + len(o) - 1
