@@ -29,16 +29,17 @@ def check(
     on_bad: Annotated[str, typer.Option(help="error | skip (skip counts, lists and reports bad rows)")] = "error",
     bad_report: Annotated[str, typer.Option(help="Where to write the list of skipped rows (JSON).")] = "bad_rows.json",
     decode_images: Annotated[bool, typer.Option(help="Decode every image too (finds corrupt JPEGs; slow).")] = False,
+    option: Annotated[Optional[list[str]], typer.Option("--option", help="Reader option KEY=VALUE, repeatable (e.g. openclipart min_items=40, exclude=unsorted,special, seed=0).")] = None,
 ):
     """Stream a release once: pairs, unique texts and images, label histogram per split; bad rows.
 
     Example: molt datasets check --dataset snli-ve --root /data/snli-ve --on-bad skip
     """
-    from molt_cache.datasets.check import check_dataset
+    from molt_cache.datasets.check import check_dataset, parse_options, text_length_quantiles
 
     with user_errors():
         counts, reader = check_dataset(dataset, root, on_bad=on_bad, report_path=bad_report,
-                                       decode_images=decode_images)
+                                       decode_images=decode_images, **parse_options(option))
     table = Table(title=f"{dataset}: {reader.task}, {len(reader.labels)} labels")
     for col in ("split", "pairs", "unique texts", "unique images"):
         table.add_column(col, justify="right")
@@ -52,6 +53,13 @@ def check(
     for name in reader.labels:
         labels.add_row(name, *(str(c.labels.get(name, 0)) for c in counts.values()))
     console.print(labels)
+    quantiles = text_length_quantiles(counts)
+    if quantiles:
+        console.print("text length (words), quantiles over all pairs: "
+                      + "  ".join(f"q{round(100 * q)}={v:g}" for q, v in quantiles.items()))
+    removed = getattr(reader, "removed", None)
+    if removed:
+        console.print("removed from the texts: " + ", ".join(f"{k} {v}" for k, v in removed.items()))
     for note in getattr(reader, "notes", []) or []:
         console.print(f"[yellow]note:[/] {note}")
     console.print(reader.report.summary() + (f" (listed in {bad_report})" if reader.report.rows else ""))

@@ -11,7 +11,7 @@ from molt_cache.extract import ExtractConfig
 
 
 def extract(
-    dataset: Annotated[str, typer.Option(help="snli-ve | food101 | mmimdb | mmimdb-hdf5 | manifest | sample")] = "sample",
+    dataset: Annotated[str, typer.Option(help="snli-ve | food101 | mmimdb | mmimdb-hdf5 | manifest | openclipart | sample")] = "sample",
     root: Annotated[Optional[str], typer.Option(help="The release's folder on disk (not needed for `sample`).")] = None,
     image_dir: Annotated[Optional[str], typer.Option(help="snli-ve: the Flickr30k image folder, if not under ROOT.")] = None,
     split: Annotated[Optional[list[str]], typer.Option("--split", help="Split(s) to extract (default: all).")] = None,
@@ -32,6 +32,7 @@ def extract(
     noise_on: Annotated[str, typer.Option(help="image | text | both")] = "both",
     empty: Annotated[Optional[str], typer.Option(help="text (every text empty) | image (a blank image)")] = None,
     seed: Annotated[int, typer.Option(help="Seeds input-level noise.")] = 0,
+    option: Annotated[Optional[list[str]], typer.Option("--option", help="Reader option KEY=VALUE, repeatable (e.g. openclipart min_items=40); recorded in the manifest.")] = None,
 ):
     """Run the frozen encoders once and write last-layer states to a sharded Zarr cache.
 
@@ -39,10 +40,12 @@ def extract(
 
     Example: molt extract --dataset snli-ve --root /data/snli-ve --text hf:/models/llama-7b --image open_clip:ViT-L-14 --image-weights /models/vit-l-14.bin
     """
+    from molt_cache.datasets.check import parse_options
     from molt_cache.extract import extract as run
 
     with user_errors():
-        cfg = ExtractConfig(dataset=dataset, root=root, dataset_options={"image_dir": image_dir} if image_dir else {},
+        options = {**({"image_dir": image_dir} if image_dir else {}), **parse_options(option)}
+        cfg = ExtractConfig(dataset=dataset, root=root, dataset_options=options,
                             splits=split or None, limit=limit, text=text, image=image, image_weights=image_weights, layers=layers,
                             dtype=dtype, device=device, out_dir=out_dir, batch_tokens=batch_tokens,
                             image_batch_size=image_batch_size, num_workers=num_workers, on_bad=on_bad, force=force,

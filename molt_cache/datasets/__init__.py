@@ -12,6 +12,7 @@ from .base import BadRow, BadRowReport, DatasetError, DatasetReader, ImageRef, O
 from .food101 import Food101Reader
 from .manifest import ManifestReader
 from .mmimdb import GENRES, MmImdbHdf5Reader, MmImdbReader
+from .openclipart import OpenClipartReader
 from .sample import SAMPLE_DIR, open_sample
 from .snli_ve import SnliVeReader
 
@@ -21,6 +22,7 @@ _READERS: dict[str, Callable[..., DatasetReader]] = {
     "mmimdb": MmImdbReader,
     "mmimdb-hdf5": MmImdbHdf5Reader,
     "manifest": ManifestReader,
+    "openclipart": OpenClipartReader,
     "sample": open_sample,
 }
 
@@ -33,7 +35,8 @@ def open_dataset(name: str, root: str | Path | None, *, on_bad: OnBad = "error",
     """Open one release. `root` may be None only for "sample" (the bundled folder).
 
     `options` go to the reader: snli-ve `image_dir`; food101 `val_fraction`, `seed`;
-    mmimdb-hdf5 `metadata`, `pad_id`; manifest `seed`.
+    mmimdb-hdf5 `metadata`, `pad_id`; manifest `seed`;
+    openclipart `seed`, `min_items`, `exclude`, `max_pixels`.
     """
     if name not in _READERS:
         raise ValueError(f"unknown dataset {name!r}; valid: {list_datasets()}")
@@ -50,5 +53,5 @@ def open_dataset(name: str, root: str | Path | None, *, on_bad: OnBad = "error",
 
 
 __all__ = ["BadRow", "BadRowReport", "DatasetError", "DatasetReader", "Food101Reader", "GENRES", "ImageRef",
-           "ManifestReader", "MmImdbHdf5Reader", "MmImdbReader", "OnBad", "SAMPLE_DIR", "Sample",
+           "ManifestReader", "MmImdbHdf5Reader", "MmImdbReader", "OnBad", "OpenClipartReader", "SAMPLE_DIR", "Sample",
            "SnliVeReader", "list_datasets", "open_dataset", "open_sample"]
