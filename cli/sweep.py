@@ -11,7 +11,7 @@ from molt_cache.sweep import SweepConfig
 
 def sweep(
     cache: Annotated[list[str], typer.Option("--cache", help="Cache folder(s) from `molt extract`.")],
-    variants: Annotated[str, typer.Option(help="molt,baseline,ablate:cca,ablate:cross-attn,ablate:M,ablate:fusion,ablate:fbp,reg:bridge,...")] = "molt,baseline",
+    variants: Annotated[str, typer.Option(help="molt,baseline,text-only,image-only,ablate:cca,ablate:cross-attn,ablate:M,ablate:fusion,ablate:fbp,reg:bridge,...")] = "molt,baseline",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
     out_dir: Annotated[str, typer.Option(help="Sweep folder; rerun the same command to resume.")] = "runs/sweep",
     noise: Annotated[str, typer.Option(help="Feature-level noise levels to evaluate, e.g. 0.05,0.1.")] = "",

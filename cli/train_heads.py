@@ -14,7 +14,7 @@ from molt_cache.config import HeadsConfig, TrainConfig
 def train_heads(
     cache: Annotated[list[str], typer.Option("--cache", help="Cache folder from `molt extract`; repeat to mix caches of one dataset.")],
     run_dir: Annotated[str, typer.Option(help="Folder for config, checkpoint, metrics and log.")] = "runs/molt",
-    model: Annotated[str, typer.Option(help="molt | baseline")] = "molt",
+    model: Annotated[str, typer.Option(help="molt | baseline | text-only | image-only (the same fusion and classifier reading one modality: the ceiling a fused model can reach when the other is absent).")] = "molt",
     ablate: Annotated[str, typer.Option(help="Comma-separated parts to remove: cross-attn,cca,M,fusion,fbp.")] = "",
     d_common: Annotated[int, typer.Option(help="d_c, width of the common space.")] = 1024,
     layers: Annotated[int, typer.Option(help="L_s, selected layers (must match the cache).")] = 4,

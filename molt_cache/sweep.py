@@ -33,10 +33,11 @@ class SweepConfig:
 
 
 def variant_configs(variant: str, cfg: SweepConfig) -> tuple[HeadsConfig, dict[str, float]]:
-    """'molt' | 'baseline' | 'ablate:<part>[+<part>]' | 'reg:<name>[+<name>]' -> heads config, reg weights."""
+    """'molt' | 'baseline' | 'text-only' | 'image-only' | 'ablate:<part>[+<part>]' | 'reg:<name>[+<name>]'
+    -> heads config, reg weights."""
     kind, _, arg = variant.partition(":")
     heads = HeadsConfig(**cfg.heads)
-    if kind in ("molt", "baseline") and not arg:
+    if kind in ("molt", "baseline", "text-only", "image-only") and not arg:
         heads.model = kind
         return heads, {}
     if kind == "ablate" and arg:
@@ -54,7 +55,7 @@ def variant_configs(variant: str, cfg: SweepConfig) -> tuple[HeadsConfig, dict[s
         if bad:
             raise ValueError(f"variant {variant!r}: unknown regularizer {bad}; valid: {list(REGULARIZERS)}")
         return heads, {n: cfg.reg_weight for n in names}
-    raise ValueError(f"unknown variant {variant!r}; valid: molt, baseline, ablate:<{'|'.join(ABLATIONS)}>, "
+    raise ValueError(f"unknown variant {variant!r}; valid: molt, baseline, text-only, image-only, ablate:<{'|'.join(ABLATIONS)}>, "
                      "reg:<separation|bridge|geometric>")
 
 

@@ -270,3 +270,23 @@ def test_training_noise_is_redrawn_each_epoch_missing_table_is_not(work):
     assert torch.equal(e0.image_final, e0_again.image_final)  # reproducible
     assert not torch.equal(e0.image_final, e1.image_final)  # fresh noise each epoch
     assert torch.equal(e0.text_present, e1.text_present) and not e0.text_present.all()  # same missing pairs
+
+
+def test_unimodal_references_and_ceilings(work, tmp_path):
+    """text-only / image-only heads train from the cache; robustness prints each fused model's
+    modality-absent score beside the reference that reads only the remaining modality."""
+    for model in ("text-only", "image-only"):
+        molt("train-heads", "--cache", work / "cache", "--run-dir", tmp_path / model, "--model", model, *TRAIN_ARGS)
+    out = molt("robustness", "--run", work / "molt", "--run", tmp_path / "text-only", "--run", tmp_path / "image-only",
+               "--noise", "0", "--missing", "text,image", "--device", "cpu", "--report-dir", tmp_path / "rep")
+    assert "unimodal ceiling" in " ".join(out.split())
+    rows = json.loads((tmp_path / "rep" / "results.json").read_text())
+    acc = {(r["model"], r["condition"]): r["accuracy"] for r in rows}
+    # a reference never reads the other modality: removing it changes nothing
+    assert acc[("text-only", "image absent (feature, zero)")] == acc[("text-only", "clean")]
+    assert acc[("image-only", "text absent (feature, zero)")] == acc[("image-only", "clean")]
+    ceilings = json.loads((tmp_path / "rep" / "ceilings.json").read_text())
+    assert {(c["model"], c["reference"]) for c in ceilings} == {("molt", "image-only"), ("molt", "text-only")}
+    for c in ceilings:
+        assert c["ceiling"] == acc[(c["reference"], "clean")]
+        assert c["gap"] == pytest.approx(acc[("molt", c["condition"])] - c["ceiling"])
