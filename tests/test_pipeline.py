@@ -290,3 +290,38 @@ def test_unimodal_references_and_ceilings(work, tmp_path):
     for c in ceilings:
         assert c["ceiling"] == acc[(c["reference"], "clean")]
         assert c["gap"] == pytest.approx(acc[("molt", c["condition"])] - c["ceiling"])
+
+
+def test_paired_differences_against_numpy():
+    import numpy as np
+
+    from molt_cache.sweep import paired_differences
+
+    rng = np.random.default_rng(0)
+    acc = {(v, c, s): float(rng.random()) for v in ("molt", "baseline") for c in ("clean", "x") for s in (0, 1, 2)}
+    acc[("molt", "x", 2)] = acc[("baseline", "x", 2)]  # one tie
+    rows = [{"variant": v, "condition": c, "seed": s, "accuracy": a} for (v, c, s), a in acc.items()]
+    rows.append({"variant": "molt", "condition": "clean", "seed": 7, "accuracy": 0.5})  # no partner: ignored
+    out = {p["condition"]: p for p in paired_differences(rows)}
+    for c in ("clean", "x"):
+        d = np.array([acc[("molt", c, s)] - acc[("baseline", c, s)] for s in (0, 1, 2)], dtype=np.float64)
+        assert out[c]["seeds"] == [0, 1, 2]
+        assert out[c]["diff_mean"] == pytest.approx(d.mean()) and out[c]["diff_std"] == pytest.approx(d.std(ddof=1))
+        assert (out[c]["diff_min"], out[c]["diff_max"]) == (pytest.approx(d.min()), pytest.approx(d.max()))
+        assert out[c]["wins"] + out[c]["ties"] + out[c]["losses"] == 3
+    assert out["x"]["ties"] == 1
+
+
+def test_sweep_prints_and_writes_paired_molt_vs_baseline(work, tmp_path):
+    out = molt("sweep", "--cache", work / "cache", "--variants", "molt,baseline", "--seeds", "0,1",
+               "--out-dir", tmp_path / "sw", "--epochs", "1", "--d-common", "32", "--batch-size", "32",
+               "--missing", "text", "--device", "cpu", "--missing-rate", "0.5")
+    assert "paired by seed" in " ".join(out.split())
+    paired = json.loads((tmp_path / "sw" / "paired_molt_vs_baseline.json").read_text())
+    rows = json.loads((tmp_path / "sw" / "runs.json").read_text())
+    acc = {(r["variant"], r["condition"], r["seed"]): r["accuracy"] for r in rows}
+    for p in paired:
+        d = [acc[("molt", p["condition"], s)] - acc[("baseline", p["condition"], s)] for s in (0, 1)]
+        assert p["seeds"] == [0, 1] and p["diff_mean"] == pytest.approx(sum(d) / 2)
+    config = json.loads((tmp_path / "sw" / "molt" / "seed0" / "config.json").read_text())
+    assert config["train"]["missing_rate"] == 0.5 and config["train"]["missing_type"] == "both"
