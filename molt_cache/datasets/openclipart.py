@@ -23,7 +23,7 @@ Rules, each counted in `removed` and announced in `notes`:
 * Split: seeded (by hash of seed and path, splits.carve_groups) and stratified by class, 70/10/20.
 * Bad rows (under --on-bad): a PNG without its SVG, an SVG that is not well-formed XML or has no
   cc:Work metadata, an item with no text left, a PNG above `max_pixels` (read from its header; the
-  default is Pillow's own limit, 89.5 Mpx: 14 drawings of the package are 105-623 Mpx, which would
+  default is Pillow's own limit, 89.5 Mpx: 15 drawings of the package are 105-623 Mpx, which would
   take 0.4-2.5 GB and seconds each to decode before being resized to a 224-px encoder input).
 
 The SVG is parsed with the standard library's expat (≥ 2.4.1 refuses entity-expansion bombs;
