@@ -14,6 +14,11 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def log_line(line: str) -> None:
+    """A library log line (plain text: brackets in paths are not rich markup), to stderr."""
+    err_console.print(line, markup=False, highlight=False)
+
+
 def print_config(title: str, *configs) -> None:
     """Print the resolved config at start (what runs is what you see), one line per config."""
     lines = []

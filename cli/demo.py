@@ -24,6 +24,7 @@ def demo(
 
     Example: molt demo            (or: molt demo --tiny, on tiny random encoders; --dataset sample, synthetic)
     """
+    from cli.progress import ExtractBars
     from molt_cache.demo import run_demo
     from molt_cache.encoders.shipped import ShippedWeightsMissing
     from molt_cache.robustness.report import robustness_table
@@ -31,8 +32,8 @@ def demo(
     cfg = DemoConfig(out_dir=out_dir, dataset=dataset, tiny=tiny, epochs=epochs, d_common=d_common, seed=seed, device=device)
     print_config("demo", cfg)
     try:
-        with user_errors():
-            result = run_demo(cfg, log=console.print)
+        with user_errors(), ExtractBars(console) as bars:
+            result = run_demo(cfg, log=console.print, extract_callbacks=bars.callbacks())
     except ShippedWeightsMissing as e:
         err_console.print(f"[bold red]error:[/] {e}\n"
                           "or run the demo on tiny random encoders: [bold]molt demo --tiny[/]")

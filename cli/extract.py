@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from cli.common import console, print_config, user_errors
+from cli.common import console, err_console, log_line, print_config, user_errors
 from molt_cache.extract import ExtractConfig
 
 
@@ -40,6 +40,7 @@ def extract(
 
     Example: molt extract --dataset snli-ve --root /data/snli-ve --text hf:/models/llama-7b --image open_clip:ViT-L-14 --image-weights /models/vit-l-14.bin
     """
+    from cli.progress import ExtractBars
     from molt_cache.datasets.check import parse_options
     from molt_cache.extract import extract as run
 
@@ -51,7 +52,10 @@ def extract(
                             image_batch_size=image_batch_size, num_workers=num_workers, on_bad=on_bad, force=force,
                             noise=noise, noise_on=noise_on, empty=empty, seed=seed)
         print_config("extract", cfg)
-        result = run(cfg)
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        rank_label = f" (rank {os.environ.get('RANK', 0)}/{world})" if world > 1 else ""
+        with ExtractBars(err_console, rank_label) as bars:
+            result = run(cfg, on_log=log_line, **bars.callbacks())
     table = Table(title="extract" + (" (cache complete, reused)" if result.reused else ""))
     table.add_column("measure")
     table.add_column("value", justify="right")

@@ -28,6 +28,7 @@ def robustness(
 
     Example: molt robustness --run runs/molt --run runs/baseline --noise 0.01,0.05,0.1,0.2 --level feature,input
     """
+    from cli.progress import ExtractBars
     from molt_cache.robustness.evaluate import run_robustness
     from molt_cache.robustness.report import ceiling_table, robustness_table, write_report
 
@@ -39,7 +40,8 @@ def robustness(
             seed=seed, split=split,
             cache=cache, device=device, report_dir=report_dir)
         print_config("robustness", cfg)
-        rows = run_robustness(cfg, log=console.print)
+        with ExtractBars(console) as bars:  # input-level conditions extract perturbed caches
+            rows = run_robustness(cfg, log=console.print, extract_callbacks=bars.callbacks())
         paths = write_report(rows, cfg.report_dir, dataclasses.asdict(cfg))
     console.print(robustness_table(rows, title=f"Robustness on {split} (seed {seed})"))
     ceilings = ceiling_table(rows)

@@ -51,7 +51,10 @@ class DemoResult:
     seconds: dict[str, float]
 
 
-def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] = print) -> DemoResult:
+def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] = print,
+             extract_callbacks: dict | None = None) -> DemoResult:
+    """The whole demo; `log` gets one line per step, `extract_callbacks` (extract()'s on_phase /
+    on_items, e.g. the CLI's bars) every extraction's progress, the input-level ones included."""
     from molt_cache.extract import ExtractConfig, extract
     from molt_cache.robustness.evaluate import RobustnessConfig, run_robustness
     from molt_cache.robustness.report import write_report
@@ -68,7 +71,8 @@ def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] = print) -> DemoResu
     t = time.perf_counter()
     cache = out / "cache"
     extract(ExtractConfig(dataset=cfg.dataset, root=None, text=cfg.text_spec, image=cfg.image_spec,
-                          out_dir=str(cache), device=cfg.device, seed=cfg.seed))
+                          out_dir=str(cache), device=cfg.device, seed=cfg.seed),
+            on_log=log, **(extract_callbacks or {}))
     seconds["extract"] = time.perf_counter() - t
 
     runs = {}
@@ -95,14 +99,16 @@ def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] = print) -> DemoResu
     report_dir = out / "report"
     base = dict(runs=[str(runs["molt"]), str(runs["baseline"])], seed=cfg.seed, device=cfg.device,
                 report_dir=str(report_dir))
-    rows = run_robustness(RobustnessConfig(noise=cfg.noise, levels=cfg.levels, strategy="zero", **base), log=log)
+    rows = run_robustness(RobustnessConfig(noise=cfg.noise, levels=cfg.levels, strategy="zero", **base), log=log,
+                          extract_callbacks=extract_callbacks)
     # translate: the present modality's common-space states stand in for the absent one (MoLT only)
     translate = run_robustness(RobustnessConfig(noise=[], levels=["feature"], strategy="translate",
                                                 runs=[str(runs["molt"])], seed=cfg.seed, device=cfg.device,
                                                 report_dir=str(report_dir)), log=log)
     rows += [r for r in translate if r["condition"] != "clean"]
     if "input" in cfg.levels:
-        empty = run_robustness(RobustnessConfig(noise=[], levels=["input"], strategy="empty", **base), log=log)
+        empty = run_robustness(RobustnessConfig(noise=[], levels=["input"], strategy="empty", **base), log=log,
+                               extract_callbacks=extract_callbacks)
         rows += [r for r in empty if r["condition"] != "clean"]
     seconds["robustness"] = time.perf_counter() - t
     write_report(rows, report_dir, {"demo": asdict(cfg), "seconds": seconds})

@@ -237,7 +237,7 @@ def test_streaming_reads_each_text_chunk_about_once(tmp_path):
 
 
 def test_reads_a_cache_written_by_extract(tmp_path):
-    """Integration with the writer (molt_cache/extract.py) through its own fake encoders: the
+    """Integration with the writer (molt_cache/extract/) through its own fake encoders: the
     loader's batches hold the float64 reference forward of each pair's text and image."""
     from PIL import Image
 

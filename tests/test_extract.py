@@ -381,17 +381,19 @@ def test_limit_keeps_the_first_pairs_and_is_part_of_the_cache_identity(images, t
         run(images, tmp_path / "zero", limit=0)
 
 
-def test_default_progress_shows_items_per_modality_with_rate_and_eta(images, tmp_path, monkeypatch):
+def test_cli_progress_shows_items_per_modality_with_rate_and_eta(images, tmp_path):
+    """The library reports through callbacks; the CLI's bars render them (on a terminal)."""
     import io
 
     from rich.console import Console
 
-    import molt_cache.extract as ex
+    from cli.progress import ExtractBars
 
     buf = io.StringIO()
-    monkeypatch.setattr(ex, "console", Console(file=buf, width=200, force_terminal=True, color_system=None))
-    res = extract(cfg_for(tmp_path / "c", splits=["test"]), reader=FakeReader(images),
-                  text_encoder=FakeText(), image_encoder=FakeImage())
+    console = Console(file=buf, width=200, force_terminal=True, color_system=None)
+    with ExtractBars(console) as bars:
+        res = extract(cfg_for(tmp_path / "c", splits=["test"]), reader=FakeReader(images),
+                      text_encoder=FakeText(), image_encoder=FakeImage(), **bars.callbacks())
     assert res.complete
     text = buf.getvalue()
     n_texts = len({s.text for s in FakeReader(images).samples("test")})
@@ -399,6 +401,42 @@ def test_default_progress_shows_items_per_modality_with_rate_and_eta(images, tmp
     assert "images" in text and f"{n_images}/{n_images}" in text and "images/s" in text
     assert f"{n_texts}/{n_texts}" in text and "texts/s" in text and "eta" in text
     assert text.index("images") < text.index("texts")  # images run first
+
+
+def test_library_prints_nothing_and_reports_through_callbacks(images, tmp_path, capsys):
+    events: list[tuple] = []
+    res = extract(cfg_for(tmp_path / "c", splits=["test"]), reader=FakeReader(images),
+                  text_encoder=FakeText(), image_encoder=FakeImage(),
+                  on_log=lambda line: events.append(("log", line)),
+                  on_phase=lambda m, n: events.append(("phase", m, n)),
+                  on_items=lambda m, n: events.append(("items", m, n)))
+    assert res.complete
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+    n_texts = len({s.text for s in FakeReader(images).samples("test")})
+    n_images = len({s.image_key for s in FakeReader(images).samples("test")})
+    phases = [e for e in events if e[0] == "phase"]
+    assert phases == [("phase", "image", n_images), ("phase", "text", n_texts)]
+    assert sum(e[2] for e in events if e[:2] == ("items", "image")) == n_images
+    assert sum(e[2] for e in events if e[:2] == ("items", "text")) == n_texts
+    assert any(e[0] == "log" and "manifest.json written" in e[1] for e in events)
+
+
+def test_cli_progress_off_a_terminal_prints_plain_lines_without_carriage_returns(images, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from cli.progress import ExtractBars
+
+    buf = io.StringIO()
+    with ExtractBars(Console(file=buf, width=80, force_terminal=False)) as bars:
+        extract(cfg_for(tmp_path / "c", splits=["test"]), reader=FakeReader(images),
+                text_encoder=FakeText(), image_encoder=FakeImage(), **bars.callbacks())
+    text = buf.getvalue()
+    n_images = len({s.image_key for s in FakeReader(images).samples("test")})
+    assert "\r" not in text and "\x1b" not in text
+    assert f"images: {n_images}/{n_images} encoded" in text and "texts: " in text
 
 
 @pytest.mark.parametrize("args, path", [

@@ -106,8 +106,9 @@ def input_cache_key(manifest: dict, cond: Condition, seed: int, split: str) -> s
 
 
 def input_level_cache(base_cache: Path, manifest: dict, cond: Condition, cfg: RobustnessConfig,
-                      log: Callable[[str], None]) -> Path:
-    """Build (or reuse) the perturbed split's cache through stage one."""
+                      log: Callable[[str], None], extract_callbacks: dict | None = None) -> Path:
+    """Build (or reuse) the perturbed split's cache through stage one (extract()'s on_phase /
+    on_items in `extract_callbacks`)."""
     from molt_cache.extract import extract, extract_config_from_manifest
 
     root = Path(cfg.input_cache_root) if cfg.input_cache_root else base_cache.parent / f"{base_cache.name}.perturbed"
@@ -119,12 +120,14 @@ def input_level_cache(base_cache: Path, manifest: dict, cond: Condition, cfg: Ro
     log(f"extracting input-level cache {out} ({cond.name})")
     ecfg = extract_config_from_manifest(manifest, out_dir=str(out), splits=[cfg.split], seed=cfg.seed,
                                         noise=cond.noise, noise_on=cond.noise_on, empty=cond.missing)
-    extract(ecfg)
+    extract(ecfg, on_log=log, **(extract_callbacks or {}))
     return out
 
 
-def run_robustness(cfg: RobustnessConfig, *, log: Callable[[str], None] = print) -> list[dict]:
-    """Evaluate every run under every condition. Returns rows: {model, run, condition, level, ...metrics}."""
+def run_robustness(cfg: RobustnessConfig, *, log: Callable[[str], None] = print,
+                   extract_callbacks: dict | None = None) -> list[dict]:
+    """Evaluate every run under every condition. Returns rows: {model, run, condition, level, ...metrics}.
+    `extract_callbacks` (extract()'s on_phase / on_items) follow input-level extractions."""
     cfg.validate()
     device = resolve_device(cfg.device)
     rows = []
@@ -139,7 +142,8 @@ def run_robustness(cfg: RobustnessConfig, *, log: Callable[[str], None] = print)
             split = reader.split(cfg.split)
             perturb = None
             if cond.level == "input":
-                split = open_cache(input_level_cache(cache_path, reader.manifest, cond, cfg, log)).split(cfg.split)
+                split = open_cache(input_level_cache(cache_path, reader.manifest, cond, cfg, log,
+                                                         extract_callbacks)).split(cfg.split)
             elif cond.level == "feature":
                 table = None
                 if cond.missing:

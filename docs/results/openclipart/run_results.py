@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 SEEDS = [0, 1, 2]
-TRAIN = {"epochs": 12, "patience": 4, "batch_size": 64, "device": "cpu", "in_memory": True}
+TRAIN = {"epochs": 8, "patience": 3, "batch_size": 64, "device": "cpu", "in_memory": True}
 HEADS = {"d_common": 128}
 FEATURE_NOISE = [0.01, 0.05, 0.1, 0.2]
-INPUT_NOISE = [0.05, 0.2]
+INPUT_NOISE = [0.2]
 ABLATIONS = ["ablate:cross-attn", "ablate:cca", "ablate:M", "ablate:fusion", "ablate:fbp"]
 
 
