@@ -88,6 +88,7 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] = print) -> list[d
             rob = run_robustness(RobustnessConfig(runs=[str(run_dir)], noise=cfg.noise, missing=cfg.missing,
                                                   levels=["feature"], strategy=cfg.strategy, seed=seed,
                                                   device=cfg.train.get("device", "auto"),
+                                                  in_memory=cfg.train.get("in_memory", False),
                                                   report_dir=str(run_dir)), log=lambda s: None)
             mine = [{"variant": variant, "seed": seed, **r} for r in rob]
             rows_path.write_text(json.dumps(mine, indent=2) + "\n")

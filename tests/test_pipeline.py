@@ -325,3 +325,14 @@ def test_sweep_prints_and_writes_paired_molt_vs_baseline(work, tmp_path):
         assert p["seeds"] == [0, 1] and p["diff_mean"] == pytest.approx(sum(d) / 2)
     config = json.loads((tmp_path / "sw" / "molt" / "seed0" / "config.json").read_text())
     assert config["train"]["missing_rate"] == 0.5 and config["train"]["missing_type"] == "both"
+
+
+def test_in_memory_robustness_equals_streamed(work, tmp_path):
+    """The in-memory path (each split loaded once per run) gives the streamed path's numbers."""
+    from molt_cache.robustness.evaluate import RobustnessConfig, run_robustness
+
+    kw = dict(runs=[str(work / "molt"), str(work / "baseline")], noise=[0.05], missing=["text"], seed=3,
+              device="cpu", report_dir=str(tmp_path))
+    streamed = run_robustness(RobustnessConfig(**kw), log=lambda s: None)
+    in_memory = run_robustness(RobustnessConfig(in_memory=True, **kw), log=lambda s: None)
+    assert in_memory == streamed and len(streamed) == 6

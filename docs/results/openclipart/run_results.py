@@ -5,7 +5,7 @@
 CACHE: made by `molt extract --dataset openclipart --root ROOT --on-bad skip --out-dir CACHE`
 (shipped SmolLM2-135M + EfficientNet-Lite0). OUT: run folders, reports, summary.
 
-Stages (each resumes: a finished run or report is reused):
+Stages (each resumes: a finished run or report is reused; `seedwise` = main and mr, seed by seed):
   main       molt, baseline, text-only, image-only × seeds, trained on complete pairs; feature-level
              Table 3 (text / image absent zero-filled; noise 1/5/10/20 % on both) via `molt sweep`
   mr         molt, baseline trained with --missing-rate 0.5 --missing-type both (missing-aware
@@ -36,10 +36,10 @@ def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
-def sweep(cache: str, out: Path, variants: list[str], **train) -> None:
+def sweep(cache: str, out: Path, variants: list[str], seeds: list[int] | None = None, **train) -> None:
     from molt_cache.sweep import SweepConfig, run_sweep, summarize, write_sweep_report
 
-    cfg = SweepConfig(cache=[cache], variants=variants, seeds=SEEDS, out_dir=str(out), noise=FEATURE_NOISE,
+    cfg = SweepConfig(cache=[cache], variants=variants, seeds=seeds or SEEDS, out_dir=str(out), noise=FEATURE_NOISE,
                       missing=["text", "image"], strategy="zero", train={**TRAIN, **train}, heads=HEADS)
     rows = run_sweep(cfg, log=log)
     write_sweep_report(summarize(rows), rows, out)
@@ -65,7 +65,8 @@ def robustness_once(run: Path, name: str, **kw) -> list[dict]:
     if path.exists():
         return json.loads(path.read_text())
     t = time.perf_counter()
-    rows = run_robustness(RobustnessConfig(runs=[str(run)], device="cpu", report_dir=str(run / name), **kw), log=log)
+    rows = run_robustness(RobustnessConfig(runs=[str(run)], device="cpu", report_dir=str(run / name),
+                                           in_memory=True, **kw), log=log)
     rows = [r for r in rows if r["condition"] != "clean"]
     path.write_text(json.dumps(rows, indent=2) + "\n")
     log(f"{run} {name}: {time.perf_counter() - t:.0f} s")
@@ -190,7 +191,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cache")
     ap.add_argument("out")
-    ap.add_argument("--stage", action="append", choices=["main", "mr", "translate", "input", "ablate", "summary"])
+    ap.add_argument("--stage", action="append", choices=["main", "mr", "seedwise", "translate", "input", "ablate", "summary"])
     args = ap.parse_args()
     out = Path(args.out)
     for stage in args.stage or ["main", "mr", "translate", "input", "ablate", "summary"]:
@@ -198,6 +199,12 @@ if __name__ == "__main__":
         if stage == "main":
             sweep(args.cache, out / "main", ["molt", "baseline", "text-only", "image-only"])
         elif stage == "mr":
+            sweep(args.cache, out / "mr", ["molt", "baseline"], missing_rate=0.5, missing_type="both")
+        elif stage == "seedwise":  # main and mr one seed at a time, so a cut-short session has whole seeds
+            for seed in SEEDS:
+                sweep(args.cache, out / "main", ["molt", "baseline", "text-only", "image-only"], [seed])
+                sweep(args.cache, out / "mr", ["molt", "baseline"], [seed], missing_rate=0.5, missing_type="both")
+            sweep(args.cache, out / "main", ["molt", "baseline", "text-only", "image-only"])  # all reused
             sweep(args.cache, out / "mr", ["molt", "baseline"], missing_rate=0.5, missing_type="both")
         elif stage == "translate":
             stage_translate(out)
