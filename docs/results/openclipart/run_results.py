@@ -218,9 +218,10 @@ if __name__ == "__main__":
             sweep(args.cache, out / "main", ["molt", "baseline", "text-only", "image-only"])
         elif stage == "mr":
             sweep(args.cache, out / "mr", ["molt", "baseline"], missing_rate=0.5, missing_type="both")
-        elif stage == "seedwise":  # main and mr one seed at a time, so a cut-short session has whole seeds
+        elif stage == "seedwise":  # one seed at a time, so a cut-short session has whole seeds: main first
             for seed in SEEDS:
                 sweep(args.cache, out / "main", ["molt", "baseline", "text-only", "image-only"], [seed])
+            for seed in SEEDS:
                 sweep(args.cache, out / "mr", ["molt", "baseline"], [seed], missing_rate=0.5, missing_type="both")
             sweep(args.cache, out / "main", ["molt", "baseline", "text-only", "image-only"])  # all reused
             sweep(args.cache, out / "mr", ["molt", "baseline"], missing_rate=0.5, missing_type="both")
