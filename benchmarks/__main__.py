@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sys
 
-BENCHMARKS = {"extract": "benchmarks.bench_extract", "train": "benchmarks.bench_train", "cca": "benchmarks.bench_cca"}
+BENCHMARKS = {"extract": "benchmarks.bench_extract", "train": "benchmarks.bench_train", "cca": "benchmarks.bench_cca",
+              "finite": "benchmarks.bench_finite"}
 
 
 def main(argv: list[str]) -> None:

@@ -20,6 +20,7 @@ def extract(
     image: Annotated[str, typer.Option(help="Image encoder: open_clip:NAME | timm:NAME | shipped:efficientnet-lite0 | tiny:vit")] = "shipped:efficientnet-lite0",
     image_weights: Annotated[Optional[str], typer.Option(help="Local checkpoint for open_clip / timm towers.")] = None,
     layers: Annotated[int, typer.Option(help="L_s: last blocks kept per encoder.")] = 4,
+    max_length: Annotated[Optional[int], typer.Option(help="Cap on tokens per text (default: the model's position limit and its tokenizer's model_max_length); truncated texts are counted and reported.")] = None,
     dtype: Annotated[str, typer.Option(help="auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)")] = "auto",
     out_dir: Annotated[str, typer.Option(help="Cache folder; rerun the same command to resume.")] = "molt-out/cache",
@@ -47,7 +48,7 @@ def extract(
     with user_errors():
         options = {**({"image_dir": image_dir} if image_dir else {}), **parse_options(option)}
         cfg = ExtractConfig(dataset=dataset, root=root, dataset_options=options,
-                            splits=split or None, limit=limit, text=text, image=image, image_weights=image_weights, layers=layers,
+                            splits=split or None, limit=limit, text=text, image=image, image_weights=image_weights, layers=layers, max_length=max_length,
                             dtype=dtype, device=device, out_dir=out_dir, batch_tokens=batch_tokens,
                             image_batch_size=image_batch_size, num_workers=num_workers, on_bad=on_bad, force=force,
                             noise=noise, noise_on=noise_on, empty=empty, seed=seed)
@@ -64,6 +65,9 @@ def extract(
                         ("padding fraction", f"{100 * result.padding_fraction:.2f} %"),
                         ("bytes written (uncompressed)", f"{result.bytes_written / 2**20:.1f} MiB"),
                         ("bytes on disk", f"{result.bytes_on_disk / 2**20:.1f} MiB"),
+                        ("text max length (tokens)", str(result.text_lengths.get("max_length", "-"))),
+                        *((f"{split}: texts truncated / longest (tokens)", f"{s['truncated']} / {s['longest_tokens']}")
+                          for split, s in result.text_lengths.get("splits", {}).items()),
                         ("seconds", f"{result.seconds:.1f}")):
         table.add_row(name, value)
     console.print(table)

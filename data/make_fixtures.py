@@ -175,32 +175,64 @@ def _hdf5_plot_words(plot: str) -> list[str]:
     return re.findall(r"[a-z0-9\-]+|[.,!?]", plot.lower())
 
 
-def make_mmimdb_hdf5(root: Path, *, padded: bool = False) -> Path:
+def fuel_split_table(ranges: dict[str, tuple[int, int]], sources: list[str]):
+    """The `split` file attribute Fuel's `H5PYDataset.create_split_array` writes (gmu-mmimdb's
+    make_dataset.py stores its splits so): one row per (split, source)."""
+    import h5py
+
+    dtype = np.dtype([("split", "S5"), ("source", "S12"), ("start", np.int64), ("stop", np.int64),
+                      ("indices", h5py.special_dtype(ref=h5py.Reference)), ("available", np.bool_),
+                      ("comment", "S1")])
+    table = np.empty(len(ranges) * len(sources), dtype=dtype)
+    for i, (split, source) in enumerate((sp, so) for sp in ranges for so in sorted(sources)):
+        table[i] = (split.encode(), source.encode(), ranges[split][0], ranges[split][1], h5py.Reference(),
+                    True, b".")
+    return table
+
+
+def make_mmimdb_hdf5(root: Path, *, padded: bool = False, images_dtype: str = "int32",
+                     target_names: str = "json", split_attrs: str = "fuel", ids: str = "S7") -> Path:
+    """The HDF5 release as gmu-mmimdb's make_dataset.py writes it (defaults): int32 images, int32
+    genres whose attrs['target_names'] is a JSON string, vlen int32 sequences, S7 ids, Fuel's
+    split table, and a pickled metadata.npy dict with '_UNK_' = 0 and a float32 'lookup'.
+
+    Variants: `padded` (N×T sequences, 0-padded), `images_dtype` in {"int32", "uint8", "float01",
+    "float255"}, `target_names` in {"json", "json-bytes", "str", "bytes"}, `split_attrs` in
+    {"fuel", "ranges"} (attrs train/dev/test = (start, end)), `ids` in {"S7", "str"}.
+    """
     import h5py
 
     from molt_cache.datasets.mmimdb import GENRES
 
     root.mkdir(parents=True, exist_ok=True)
     plots = [_hdf5_plot_words(max(p, key=len)) for _, p, _ in MMIMDB_MOVIES]
-    vocab = sorted({w for words in plots for w in words})
-    word_to_ix = {w: i + 1 for i, w in enumerate(vocab)}  # 0 is padding
-    ix_to_word = {i: w for w, i in word_to_ix.items()}
-    np.save(root / "metadata.npy", {"ix_to_word": ix_to_word, "word_to_ix": word_to_ix}, allow_pickle=True)
+    vocab = ["_UNK_"] + sorted({w for words in plots for w in words})  # the release: 0 = _UNK_
+    word_to_ix = {w: i for i, w in enumerate(vocab)}
+    ix_to_word = dict(enumerate(vocab))
+    lookup = np.linspace(-1, 1, len(vocab) * 4, dtype=np.float32).reshape(len(vocab), 4)
+    np.save(root / "metadata.npy", {"ix_to_word": ix_to_word, "word_to_ix": word_to_ix,
+                                    "vocab_size": len(vocab), "lookup": lookup}, allow_pickle=True)
     n = len(MMIMDB_MOVIES)
-    images = np.zeros((n, 3, 256, 160), np.uint8)
+    images = np.zeros((n, 3, 256, 160), np.int32)
     for k in range(n):
-        images[k] = np.asarray(COLORS[k % len(COLORS)], np.uint8)[:, None, None]
+        images[k] = np.asarray(COLORS[k % len(COLORS)], np.int32)[:, None, None]
         images[k, :, k * 8: k * 8 + 40, 20:60] = 255 - k * 10
-    genres = np.zeros((n, len(GENRES)), np.int8)
+    stored_images = {"int32": images, "uint8": images.astype(np.uint8),
+                     "float01": images.astype(np.float32) / 255, "float255": images.astype(np.float32)}[images_dtype]
+    genres = np.zeros((n, len(GENRES)), np.int32)
     for k, (_, _, gs) in enumerate(MMIMDB_MOVIES):
         for g in gs:
             if g in GENRES:
                 genres[k, GENRES.index(g)] = 1
     seqs = [np.array([word_to_ix[w] for w in words], np.int32) for words in plots]
+    ranges = {"train": (0, 8), "dev": (8, 10), "test": (10, n)}
     with h5py.File(root / "multimodal_imdb.hdf5", "w") as f:
-        f.create_dataset("images", data=images)
+        f.create_dataset("images", data=stored_images)
         g = f.create_dataset("genres", data=genres)
-        g.attrs["target_names"] = np.array(GENRES, dtype=h5py.string_dtype())
+        g.attrs["target_names"] = {
+            "json": json.dumps(GENRES), "json-bytes": np.bytes_(json.dumps(GENRES).encode()),
+            "str": np.array(GENRES, dtype=h5py.string_dtype()),
+            "bytes": np.array([x.encode() for x in GENRES], dtype="S12")}[target_names]
         if padded:
             width = max(len(s) for s in seqs) + 3
             f.create_dataset("sequences", data=np.stack([np.pad(s, (0, width - len(s))) for s in seqs]))
@@ -208,10 +240,13 @@ def make_mmimdb_hdf5(root: Path, *, padded: bool = False) -> Path:
             d = f.create_dataset("sequences", (n,), dtype=h5py.vlen_dtype(np.int32))
             for k, s in enumerate(seqs):
                 d[k] = s
-        f.create_dataset("imdb_ids", data=np.array([m[0] for m in MMIMDB_MOVIES], dtype=h5py.string_dtype()))
-        f.attrs["train"] = (0, 8)  # this project's convention: half-open (start, end) row ranges
-        f.attrs["dev"] = (8, 10)
-        f.attrs["test"] = (10, n)
+        id_dtype = "S7" if ids == "S7" else h5py.string_dtype()
+        f.create_dataset("imdb_ids", data=np.array([m[0] for m in MMIMDB_MOVIES], dtype=id_dtype))
+        if split_attrs == "fuel":
+            f.attrs["split"] = fuel_split_table(ranges, ["genres", "images", "imdb_ids", "sequences"])
+        else:
+            for key, value in ranges.items():
+                f.attrs[key] = value
     return root
 
 
@@ -370,7 +405,8 @@ def make_fixtures(out_dir: str | Path) -> dict[str, Path]:
         "mmimdb": make_mmimdb(out / "mmimdb_release"),
         "mmimdb-bad": make_mmimdb(out / "mmimdb_bad", bad=True),
         "mmimdb-hdf5": make_mmimdb_hdf5(out / "mmimdb_hdf5"),
-        "mmimdb-hdf5-padded": make_mmimdb_hdf5(out / "mmimdb_hdf5_padded", padded=True),
+        "mmimdb-hdf5-padded": make_mmimdb_hdf5(out / "mmimdb_hdf5_padded", padded=True, images_dtype="uint8",
+                                               target_names="str", split_attrs="ranges", ids="str"),
         "manifest-jsonl": make_manifest(out / "manifest_jsonl"),
         "manifest-csv-multi": make_manifest(out / "manifest_csv", fmt="csv", multi=True, with_split=False),
         "manifest-jsonl-multi": make_manifest(out / "manifest_jsonl_multi", multi=True, labels_json=True),

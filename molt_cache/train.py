@@ -22,6 +22,7 @@ from molt_cache.batch import FeatureBatch
 from molt_cache.cache.loader import make_loader
 from molt_cache.cache.reader import CacheReader, check_compatible, open_cache
 from molt_cache.config import HeadsConfig, TrainConfig, from_dict, to_dict
+from molt_cache.finite import check_step
 from molt_cache.heads.model import FeatureDims, build_heads
 from molt_cache.losses.task import task_loss
 from molt_cache.metrics import compute_metrics, primary_metric
@@ -285,9 +286,17 @@ def train_heads(cfg: TrainConfig, heads_cfg: HeadsConfig, *,
             if batch.size < 2:  # DCCA needs two samples; a lone last pair (a different one each epoch) waits
                 continue
             batch = batch.to(device, non_blocking=True)
-            loss, parts = training_step(heads, batch, cfg, heads_cfg, regularizers, amp, device)
+            where = dict(epoch=epoch, step=steps + 1, batch=batch, best_epoch=best_epoch, run_dir=run_dir)
+            try:
+                loss, parts = training_step(heads, batch, cfg, heads_cfg, regularizers, amp, device)
+            except RuntimeError as e:  # e.g. eigh on NaN features: say so when that is the cause
+                check_step(error=e, **where)
+                raise
+            check_step(loss=loss, **where)  # never train on NaN; the best checkpoint stays as saved
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if not scaler.is_enabled():  # with an fp16 scaler, inf gradients are its cue to skip a step
+                check_step(params=params, **where)
             scaler.step(optimizer)
             scaler.update()
             parts["loss"] = float(loss.detach())

@@ -135,7 +135,10 @@ def test_tokenize_adds_bos_truncates_and_handles_empty(tiny_text):
     ids = tiny_text.tokenize(["", "ab", "x" * 2000])
     assert ids[0] == [bos]  # empty text still has one token
     assert ids[1][0] == bos and len(ids[1]) == 3  # byte-level: BOS + 2 bytes
-    assert len(ids[2]) == 512 and ids[2][0] == bos
+    # no default cap any more: the limit is the model's 1024 positions (docs/encoders.md, text length)
+    assert len(ids[2]) == 1024 and ids[2][0] == bos
+    assert tiny_text.identity.extra["max_length_limits"] == {"positions": 1024, "tokenizer": None, "requested": None}
+    assert len(create_text_encoder("tiny:llama", max_length=512).tokenize(["x" * 2000])[0]) == 512
     short = create_text_encoder("tiny:llama", max_length=8)
     assert len(short.tokenize(["x" * 100])[0]) == 8
 

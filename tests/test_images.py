@@ -137,3 +137,21 @@ def test_arrays_by_dtype():
         array_to_image(np.full((3, 1, 1), -5.0), source="x")
     with pytest.raises(ImageDecodeError, match="complex128"):
         array_to_image(np.zeros((3, 1, 1), np.complex128), source="x")
+
+
+def test_transparency_entries_of_every_kind(tmp_path):
+    Image.fromarray(np.array([[0, 100]], np.uint8), "L").save(tmp_path / "l.png", transparency=0)
+    assert rgb(decode_image(tmp_path / "l.png", source="l"))[0].tolist() == [[255, 255, 255], [100, 100, 100]]
+    Image.fromarray(np.array([[[0, 0, 0], [10, 20, 30]]], np.uint8)).save(tmp_path / "c.png", transparency=(0, 0, 0))
+    assert rgb(decode_image(tmp_path / "c.png", source="c"))[0].tolist() == [[255, 255, 255], [10, 20, 30]]
+    p = Image.new("P", (2, 1))
+    p.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+    p.putpixel((1, 0), 1)
+    p.save(tmp_path / "p.png", transparency=bytes([0, 128]))  # per-index alpha: 0 and ~half
+    assert rgb(decode_image(tmp_path / "p.png", source="p"))[0].tolist() == [[255, 255, 255], [227, 127, 127]]
+    p.save(tmp_path / "p.gif", transparency=0)
+    assert rgb(decode_image(tmp_path / "p.gif", source="g"))[0].tolist() == [[255, 255, 255], [200, 0, 0]]
+    ramp = np.array([[0, 1000, 65535]], np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png", transparency=1000)  # a 16-bit grey tRNS level
+    assert rgb(decode_image(tmp_path / "g16.png", source="g16"))[0].tolist() == [[0, 0, 0], [255, 255, 255],
+                                                                                  [255, 255, 255]]

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # stage two reads manifests and must not import the encoders 
 # Fields that do not change a single stored byte, so they never block a resume.
 # Specs are how the user named things; the encoder identities (weights checksums) and the dataset
 # fingerprint are what decide the bytes.
-IGNORED_FIELDS = ("complete", "molt_cache_version", "dataset.root", "extraction.text_spec",
+IGNORED_FIELDS = ("complete", "molt_cache_version", "dataset.root", "dataset.notes", "extraction.text_spec",
                   "extraction.image_spec", "extraction.image_weights", "extraction.dataset_options")
 
 

@@ -1,7 +1,8 @@
 """Dataset readers: one factory over a small registry (`list_datasets`, `open_dataset`).
 
 Every reader streams `Sample`s (base.py) in a deterministic order and never decodes an image;
-`ImageRef.open()` does that later, in stage one's workers.
+`ImageRef.open()` does that later, in stage one's workers, through the one decoder
+`decode_image` (images.py).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, Callable
 
 from .base import BadRow, BadRowReport, DatasetError, DatasetReader, ImageRef, OnBad, Sample
 from .food101 import Food101Reader
+from .images import ImageDecodeError, array_to_image, decode_image
 from .manifest import ManifestReader
 from .mmimdb import GENRES, MmImdbHdf5Reader, MmImdbReader
 from .openclipart import OpenClipartReader
@@ -54,6 +56,8 @@ def open_dataset(name: str, root: str | Path | None, *, on_bad: OnBad = "error",
         raise
 
 
-__all__ = ["BUNDLED", "BadRow", "BadRowReport", "DatasetError", "DatasetReader", "Food101Reader", "GENRES", "ImageRef",
-           "ManifestReader", "MmImdbHdf5Reader", "MmImdbReader", "OPENCLIPART_SAMPLE_DIR", "OnBad", "OpenClipartReader", "SAMPLE_DIR", "Sample",
-           "SnliVeReader", "list_datasets", "open_dataset", "open_openclipart_sample", "open_sample"]
+__all__ = ["BUNDLED", "BadRow", "BadRowReport", "DatasetError", "DatasetReader", "Food101Reader", "GENRES",
+           "ImageDecodeError", "ImageRef", "array_to_image", "decode_image",
+           "ManifestReader", "MmImdbHdf5Reader", "MmImdbReader", "OPENCLIPART_SAMPLE_DIR", "OnBad", "OpenClipartReader",
+           "SAMPLE_DIR", "Sample", "SnliVeReader", "list_datasets", "open_dataset", "open_openclipart_sample",
+           "open_sample"]

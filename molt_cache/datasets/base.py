@@ -98,6 +98,21 @@ class BadRowReport:
         return f"{len(self.rows)} bad rows skipped" if self.rows else "no bad rows"
 
 
+class SeenIds:
+    """Sample ids seen so far in one split: a repeated id is a bad row naming where it first was
+    (the cache and the metrics key pairs by id, so a duplicate must never pass silently)."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, str] = {}
+
+    def duplicate(self, sample_id: str, source: str) -> str | None:
+        """None the first time; afterwards the bad-row reason."""
+        if sample_id in self.first:
+            return f"duplicate sample id {sample_id!r} (first at {self.first[sample_id]})"
+        self.first[sample_id] = source
+        return None
+
+
 class DatasetReader(ABC):
     """A streaming reader over one official release. Never loads all images."""
 

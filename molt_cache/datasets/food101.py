@@ -11,12 +11,12 @@ and `notes` says so.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Iterator
 
-from .base import DatasetError, DatasetReader, ImageRef, OnBad, Sample
+from .base import DatasetError, DatasetReader, ImageRef, OnBad, Sample, SeenIds
 from .splits import canonical_split, carve_stratified, group_by
+from .textfiles import find_file, open_text, read_json, undecodable
 
 CSV_SPLITS = ("train", "test")  # the release's own two CSV files; val lives inside train
 
@@ -43,7 +43,7 @@ class Food101Reader(DatasetReader):
     def _load_labels(self) -> list[str]:
         path = self.root / "class_idx.json"
         if path.is_file():
-            data = json.loads(path.read_text())
+            data = read_json(path)
             if isinstance(data, dict):  # {class: index}: the index decides the order
                 labels = [c for c, _ in sorted(data.items(), key=lambda kv: int(kv[1]))]
             elif isinstance(data, list):
@@ -60,7 +60,7 @@ class Food101Reader(DatasetReader):
         return sorted(classes)
 
     def _rows(self, csv_split: str) -> Iterator[tuple[int, list[str]]]:
-        with open(self.csv_path(csv_split), encoding="utf-8", newline="") as f:
+        with open_text(self.csv_path(csv_split), newline="") as f:
             reader = csv.reader(f)
             while True:
                 try:
@@ -68,15 +68,18 @@ class Food101Reader(DatasetReader):
                 except StopIteration:
                     return
                 except csv.Error as e:  # e.g. an unterminated quote
-                    yield reader.line_num, [f"\0csv error: {e}"]
+                    yield reader.line_num, [f"\0malformed CSV line: csv error: {e}"]
                     continue
-                if row:
+                bad_bytes = undecodable(row)
+                if bad_bytes:
+                    yield reader.line_num, [f"\0{bad_bytes}"]
+                elif row:
                     yield reader.line_num, row
 
     def _load_membership(self, val_fraction: float, seed: int) -> dict[str, tuple[str, set[str] | None]]:
         path = self.root / "split.json"
         if path.is_file():
-            data = json.loads(path.read_text())
+            data = read_json(path)
             membership: dict[str, tuple[str, set[str] | None]] = {}
             for key, names in data.items():
                 split = canonical_split(key)
@@ -109,12 +112,13 @@ class Food101Reader(DatasetReader):
         csv_split = self._membership[split][0]
         path = self.csv_path(csv_split)
         label_index = {c: i for i, c in enumerate(self.labels)}
+        seen = SeenIds()
         for lineno, row in self._rows(csv_split):
             source = f"{path}:{lineno}"
             if len(row) != 3:
                 if len(row) == 1 and row[0].startswith("\0"):
                     if split == csv_split:  # val reads the train CSV too: report once
-                        self.report.bad(source, f"malformed CSV line: {row[0][1:]}")
+                        self.report.bad(source, row[0][1:])
                 elif self._in_split(split, Path(row[0]).name):
                     self.report.bad(source, f"malformed CSV line: expected 3 columns "
                                             f"(image file name, text, class), got {len(row)}")
@@ -128,9 +132,13 @@ class Food101Reader(DatasetReader):
             if cls not in label_index:
                 self.report.bad(source, f"unknown class {cls!r} (not among the {len(self.labels)} classes)")
                 continue
-            image_path = self.root / "images" / csv_split / cls / file_name
-            if not image_path.is_file():
-                self.report.bad(source, f"image file {image_path} not found")
+            image_path, missing = find_file(self.root / "images" / csv_split / cls / file_name)
+            if image_path is None:
+                self.report.bad(source, missing)
+                continue
+            duplicate = seen.duplicate(Path(file_name).stem, source)
+            if duplicate:
+                self.report.bad(source, duplicate)
                 continue
             yield Sample(
                 sample_id=Path(file_name).stem,

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 from .base import DatasetError, DatasetReader, ImageRef, OnBad, Sample
 from .splits import canonical_split, carve_groups
+from .textfiles import find_file, open_text, read_json, undecodable
 
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.csv")
 CARVE_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -51,10 +52,14 @@ class ManifestReader(DatasetReader):
     # -- rows -------------------------------------------------------------------------------
     def _rows(self) -> Iterator[tuple[int, dict[str, Any] | str]]:
         """(line number, row dict) or (line number, error text) for a malformed line."""
-        with open(self.path, encoding="utf-8", newline="") as f:
+        with open_text(self.path, newline="") as f:
             if self.format == "jsonl":
                 for lineno, line in enumerate(f, start=1):
                     if not line.strip():
+                        continue
+                    bad_bytes = undecodable(line)
+                    if bad_bytes:
+                        yield lineno, bad_bytes
                         continue
                     try:
                         row = json.loads(line)
@@ -66,6 +71,9 @@ class ManifestReader(DatasetReader):
             reader = csv.DictReader(f)
             if not reader.fieldnames:
                 raise DatasetError(f"{self.path}: empty CSV (a header row is required)")
+            bad_header = undecodable(reader.fieldnames)
+            if bad_header:
+                raise DatasetError(f"{self.path}:1: header row {bad_header}")
             while True:
                 try:
                     row = next(reader)
@@ -73,6 +81,10 @@ class ManifestReader(DatasetReader):
                     return
                 except csv.Error as e:
                     yield reader.line_num, f"malformed CSV line: {e}"
+                    continue
+                bad_bytes = undecodable(row)
+                if bad_bytes:
+                    yield reader.line_num, bad_bytes
                     continue
                 if None in row or None in row.values():
                     yield reader.line_num, (f"malformed CSV line: expected {len(reader.fieldnames)} "
@@ -123,7 +135,7 @@ class ManifestReader(DatasetReader):
         self._duplicate_ids = {i for i, c in ids.items() if c > 1}
         labels_json = self.dir / "labels.json"
         if labels_json.is_file():
-            data = json.loads(labels_json.read_text())
+            data = read_json(labels_json)
             if isinstance(data, dict):
                 self.labels = [k for k, _ in sorted(data.items(), key=lambda kv: int(kv[1]))]
             elif isinstance(data, list):
@@ -149,7 +161,7 @@ class ManifestReader(DatasetReader):
         if split not in self.splits:
             raise ValueError(f"unknown split {split!r} for {self.path}; valid: {list(self.splits)}")
         label_index = {label: i for i, label in enumerate(self.labels)}
-        exists: dict[str, bool] = {}  # one stat per image, not per pair
+        found: dict[str, tuple[Path | None, str]] = {}  # one stat per image, not per pair
         for lineno, row in self._rows():
             source = f"{self.path}:{lineno}"
             if isinstance(row, str):
@@ -189,11 +201,11 @@ class ManifestReader(DatasetReader):
                 self.report.bad(source, f"duplicate id {sample_id!r}")
                 continue
             key = self._image_key(image)
-            path = self.dir / key
-            if key not in exists:
-                exists[key] = path.is_file()
-            if not exists[key]:
-                self.report.bad(source, f"image file {path} not found")
+            if key not in found:
+                found[key] = find_file(self.dir / key)
+            path, missing = found[key]
+            if path is None:
+                self.report.bad(source, missing)
                 continue
             yield Sample(sample_id, split, key, ImageRef("file", str(path)), text.strip(),
                          tuple(sorted({label_index[x] for x in labels})), source)

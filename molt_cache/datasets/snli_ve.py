@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from .base import DatasetError, DatasetReader, ImageRef, OnBad, Sample
+from .base import DatasetError, DatasetReader, ImageRef, OnBad, Sample, SeenIds
+from .textfiles import find_file, open_text, undecodable
 
 LABELS = ["entailment", "neutral", "contradiction"]  # fixed order; gold_label "-" is a bad row
 SPLIT_FILES = {"train": "snli_ve_train.jsonl", "val": "snli_ve_dev.jsonl", "test": "snli_ve_test.jsonl"}
@@ -29,7 +30,7 @@ class SnliVeReader(DatasetReader):
         super().__init__(root, on_bad=on_bad)
         self.notes: list[str] = []
         self.image_dir = self._find_image_dir(image_dir)
-        self._exists: dict[str, bool] = {}  # image id -> file present (one stat per image, not per pair)
+        self._found: dict[str, tuple[Path | None, str]] = {}  # image id -> (file, why not): one stat per image
 
     def _find_image_dir(self, image_dir: str | Path | None) -> Path:
         if image_dir is not None:
@@ -54,16 +55,25 @@ class SnliVeReader(DatasetReader):
 
     def samples(self, split: str) -> Iterator[Sample]:
         path = self.split_file(split)
-        with open(path, encoding="utf-8") as f:
+        seen = SeenIds()
+        with open_text(path) as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
                 source = f"{path}:{lineno}"
                 sample = self._parse(line, split, source, lineno)
-                if sample is not None:
-                    yield sample
+                if sample is None:
+                    continue
+                duplicate = seen.duplicate(sample.sample_id, source)
+                if duplicate:
+                    self.report.bad(source, duplicate)
+                    continue
+                yield sample
 
     def _parse(self, line: str, split: str, source: str, lineno: int) -> Sample | None:
+        bad_bytes = undecodable(line)
+        if bad_bytes:
+            return self.report.bad(source, bad_bytes)
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -80,11 +90,11 @@ class SnliVeReader(DatasetReader):
         gold = row.get("gold_label")
         if gold not in LABELS:
             return self.report.bad(source, f"gold_label {gold!r} is not one of {LABELS}")
-        image_path = self.image_dir / f"{image_id}.jpg"
-        if image_id not in self._exists:
-            self._exists[image_id] = image_path.is_file()
-        if not self._exists[image_id]:
-            return self.report.bad(source, f"image file {image_path} not found")
+        if image_id not in self._found:
+            self._found[image_id] = find_file(self.image_dir / f"{image_id}.jpg")
+        image_path, missing = self._found[image_id]
+        if image_path is None:
+            return self.report.bad(source, missing)
         pair_id = row.get("pairID")
         return Sample(
             sample_id=str(pair_id) if pair_id not in (None, "") else f"{split}-{lineno}",

@@ -125,7 +125,9 @@ def _split(spec: str, registry: dict, what: str, examples: list[str]) -> tuple[s
 
 
 def create_text_encoder(spec: str, *, device: str | torch.device = "cpu", dtype: str = "auto",
-                        layers: int = 4, max_length: int = 512) -> TextEncoder:
+                        layers: int = 4, max_length: int | None = None) -> TextEncoder:
+    """`max_length`: an optional cap on tokens per text; the encoder uses the smallest of it, the
+    model's position limit and the tokenizer's model_max_length (encoders/text_limits.py)."""
     from .runtime import resolve_device, resolve_dtype
 
     kind, name = _split(spec, _TEXT, "text", _TEXT_EXAMPLES)

@@ -59,9 +59,19 @@ class FrozenEncoder(ABC):
 
 
 class TextEncoder(FrozenEncoder):
+    max_length: int  # tokens per text, special tokens included (encoders/text_limits.py)
+
     @abstractmethod
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, special tokens included, truncated to the model's max length."""
+
+    def tokenize_report(self, texts: list[str]):
+        """`text_limits.Tokenized`: the ids and each text's length before truncation. This
+        default cannot see truncation (full length = stored length); HF encoders override it."""
+        from .text_limits import Tokenized
+
+        ids = self.tokenize(texts)
+        return Tokenized(ids, [len(t) for t in ids], getattr(self, "max_length", max(map(len, ids), default=0)))
 
     @abstractmethod
     def encode(

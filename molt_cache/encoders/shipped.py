@@ -139,7 +139,7 @@ def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_smollm2(*, device: torch.device, dtype: torch.dtype, layers: int, max_length: int):
+def load_smollm2(*, device: torch.device, dtype: torch.dtype, layers: int, max_length: int | None):
     from .text_hf import load_hf_text_encoder
 
     folder, digest = smollm2_converted_dir()

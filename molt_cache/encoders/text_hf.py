@@ -18,6 +18,7 @@ from .base import EncoderIdentity, EncoderOutput, TextEncoder
 from .layers import HF_HIDDEN_STATES, hf_hidden_state_indices
 from .noise import add_relative_gaussian_noise
 from .runtime import DTYPE_NAMES, freeze
+from .text_limits import Tokenized, resolve_max_length
 
 
 class HFTextEncoder(TextEncoder):
@@ -37,11 +38,9 @@ class HFTextEncoder(TextEncoder):
         device: torch.device,
         dtype: torch.dtype,
         layers: int = 4,
-        max_length: int = 512,
+        max_length: int | None = None,
         extra: dict[str, Any] | None = None,
     ):
-        if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
         if getattr(model.config, "is_encoder_decoder", False):
             raise ValueError(f"{name!r} is an encoder-decoder model ({type(model).__name__}); "
                              "molt-cache needs a decoder LM or a BERT-style encoder")
@@ -49,13 +48,16 @@ class HFTextEncoder(TextEncoder):
         self.dtype = dtype
         self.model = freeze(model.to(device=device, dtype=dtype))
         self.tokenizer = tokenizer
-        self.max_length = max_length
+        # The smallest of the position limit, the tokenizer's real model_max_length and the
+        # request (text_limits.py): a longer text would index past the position table.
+        self.max_length, self.length_limits = resolve_max_length(model.config, tokenizer, max_length, name=name)
         # Causal LMs whose tokenizer adds no BOS itself (SmolLM2, GPT-2) get one prepended, so every
         # text — the empty one included — has at least one token and position 0 is never content.
         bos = tokenizer.bos_token_id
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         self.prepend_bos = bos is not None and (len(probe) == 0 or probe[0] != bos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._check_special_tokens_stay_text(name)
 
         # One probe run fixes the layer count and whether hidden_states[-1] is already final.
         out = self._run(torch.tensor([self.tokenize(["a"])[0]], device=device), None)
@@ -80,7 +82,9 @@ class HFTextEncoder(TextEncoder):
                 "layer_index_space": HF_HIDDEN_STATES,
                 "num_hidden_states": num_states,
                 "architecture": type(model).__name__,
-                "max_length": max_length,
+                "max_length": self.max_length,
+                "max_length_limits": dict(self.length_limits),
+                "special_tokens_in_text": "tokenized as text (split_special_tokens=True)",
                 "prepend_bos": self.prepend_bos,
                 "bos_token_id": bos,
                 "pooled": "mean of final states over real tokens",
@@ -89,21 +93,56 @@ class HFTextEncoder(TextEncoder):
         )
 
     # -- tokenization -------------------------------------------------------------------------
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
+    def _call_tokenizer(self, texts: list[str], budget: int | None) -> list[list[int]]:
+        """The tokenizer's template (its own BOS/EOS/CLS/SEP) around the text; special-token
+        strings inside a text split into ordinary pieces (`split_special_tokens=True`), so a
+        dataset text never injects a control token. `budget`: truncate (template kept) to it."""
+        kwargs: dict[str, Any] = {"add_special_tokens": True, "split_special_tokens": True, "verbose": False}
+        if budget is not None:
+            kwargs.update(truncation=True, max_length=budget)
+        return [list(ids) for ids in self.tokenizer(list(texts), **kwargs)["input_ids"]]
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        if self.prepend_bos and (not ids or ids[0] != self.tokenizer.bos_token_id):
+            return [self.tokenizer.bos_token_id] + ids
+        return ids
+
+    def tokenize_report(self, texts: list[str]) -> Tokenized:
+        """Token ids per text (special tokens included, at most `max_length`), and each text's
+        length before truncation, so the caller can report what was cut."""
         if isinstance(texts, str):
             raise TypeError("tokenize takes a list of texts, got a single str")
-        encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=True,
-                                 max_length=self.max_length)["input_ids"]
-        result = []
-        for i, ids in enumerate(encoded):
-            ids = list(ids)
-            if self.prepend_bos and (not ids or ids[0] != self.tokenizer.bos_token_id):
-                ids = [self.tokenizer.bos_token_id] + ids[: self.max_length - 1]
+        texts = list(texts)
+        result = [self._with_bos(ids) for ids in self._call_tokenizer(texts, None)]
+        full = [len(ids) for ids in result]
+        long_ = [i for i, n in enumerate(full) if n > self.max_length]
+        if long_:
+            budget = self.max_length - (1 if self.prepend_bos else 0)
+            cut = self._call_tokenizer([texts[i] for i in long_], budget) if budget > 0 else [[] for _ in long_]
+            for i, ids in zip(long_, cut):
+                result[i] = self._with_bos(ids)[: self.max_length]
+        for i, ids in enumerate(result):
             if not ids:
                 raise ValueError(f"text #{i} {texts[i][:80]!r} tokenized to zero tokens and the "
                                  f"tokenizer has no BOS token; cannot encode an empty sequence")
-            result.append(ids)
-        return result
+        return Tokenized(result, full, self.max_length, dict(self.length_limits))
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenize_report(texts).ids
+
+    def _check_special_tokens_stay_text(self, name: str) -> None:
+        """Refuse a tokenizer that ignores split_special_tokens: with it, a dataset text holding
+        "</s>" or "<|endoftext|>" would become a control token (and end or reset the sequence)."""
+        special = set(self.tokenizer.all_special_ids) - {self.tokenizer.unk_token_id}
+        template = self._with_bos(self._call_tokenizer([""], None)[0])
+        for token in self.tokenizer.all_special_tokens:
+            if not token:
+                continue
+            ids = self._with_bos(self._call_tokenizer([f"x{token}x"], None)[0])
+            if sum(i in special for i in ids) != sum(i in special for i in template):
+                raise ValueError(f"the tokenizer of {name!r} ({type(self.tokenizer).__name__}) turns the text "
+                                 f"{token!r} into a control token even with split_special_tokens=True; "
+                                 "dataset texts could inject special tokens")
 
     # -- forward ------------------------------------------------------------------------------
     def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -162,7 +201,7 @@ class HFTextEncoder(TextEncoder):
 
 
 def load_hf_text_encoder(path_or_name: str, *, device: torch.device, dtype: torch.dtype,
-                         layers: int, max_length: int, kind: str = "hf",
+                         layers: int, max_length: int | None, kind: str = "hf",
                          weights_sha256: str | None = None, name: str | None = None,
                          extra: dict[str, Any] | None = None) -> HFTextEncoder:
     """Load `AutoModel` + `AutoTokenizer` from a local folder (or an already-cached hub name when

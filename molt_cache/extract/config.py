@@ -23,6 +23,7 @@ class ExtractConfig:
     text: str = "tiny:llama"  # text encoder spec (molt_cache.encoders.create_text_encoder)
     image: str = "tiny:vit"  # image encoder spec
     image_weights: str | None = None  # optional weights file for the image tower
+    max_length: int | None = None  # cap on text tokens; the model's position limit applies anyway
     layers: int = 4  # L_s: last blocks kept per encoder
     dtype: str = "auto"  # "auto" (float16 on CUDA, float32 on CPU) | float32 | float16 | bfloat16
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1"; ranks use cuda:LOCAL_RANK
@@ -54,6 +55,8 @@ class ExtractConfig:
             raise ValueError(f"unknown noise_on {self.noise_on!r}; valid: ['image', 'text', 'both']")
         if self.empty not in (None, "text", "image"):
             raise ValueError(f"unknown empty {self.empty!r}; valid: None, 'text', 'image'")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be ≥ 1 (or None for the model's own limit), got {self.max_length}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be ≥ 1 (or None for every pair), got {self.limit}")
         if self.noise < 0:
@@ -91,6 +94,7 @@ class ExtractResult:
     seconds: float = 0.0  # the whole call: reading, tokenizing, model loading, encoding, writing
     text_seconds: float = 0.0  # wall time of the text units (encoding while writes overlap)
     image_seconds: float = 0.0  # wall time of the image units (decode workers, encoding)
+    text_lengths: dict[str, Any] = field(default_factory=dict)  # max length, truncated texts per split
 
     @property
     def tokens_per_s(self) -> float:
@@ -111,6 +115,7 @@ def extract_config_from_manifest(manifest: dict, **overrides: Any) -> ExtractCon
         image_weights=ex.get("image_weights"), layers=len(manifest["text"]["layer_indices"]),
         dtype=manifest["text"]["dtype"], batch_tokens=ex.get("batch_tokens", 16384),
         image_batch_size=ex.get("image_batch_size", 64), on_bad=ex.get("on_bad", "error"),
-        limit=manifest["dataset"].get("limit"))
+        limit=manifest["dataset"].get("limit"),
+        max_length=manifest["text"].get("extra", {}).get("max_length_limits", {}).get("requested"))
     return dataclasses.replace(cfg, **overrides)
 

@@ -19,6 +19,8 @@ from PIL import Image
 
 from molt_cache.cache.writer import to_storage
 from molt_cache.datasets.base import ImageRef
+from molt_cache.datasets.images import decode_image
+from molt_cache.finite import check_batch
 
 BLANK_IMAGE_KEY = "<blank>"
 BLANK_IMAGE_SIZE = 224
@@ -65,11 +67,12 @@ class EncodedBatch:
 def load_image(image: ImageRef | Image.Image | str | Path | None) -> Image.Image:
     """An RGB PIL image from an ImageRef, a file path, a PIL image, or None (the mid-gray blank
     image that stands in for an absent image under the "empty" strategy). Unreadable files raise
-    DatasetError naming the file."""
+    DatasetError naming the file. Everything goes through datasets.images.decode_image (EXIF,
+    alpha on white, high bit depth by range)."""
     if image is None:
         return Image.new("RGB", (BLANK_IMAGE_SIZE, BLANK_IMAGE_SIZE), BLANK_IMAGE_RGB)
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return decode_image(image, source=f"<PIL image {image.mode} {image.size[0]}x{image.size[1]}>")
     if isinstance(image, (str, Path)):
         image = ImageRef("file", str(image))
     return image.open()
@@ -114,7 +117,7 @@ def text_batches(items: np.ndarray, inner: np.ndarray, lengths: np.ndarray, budg
 
 def encode_items(enc, inputs: list[list[int]] | torch.Tensor, *, modality: str, dtype: str,
                  expected_widths: dict[str, int] | None = None, input_noise: float = 0.0,
-                 generator: torch.Generator | None = None) -> EncodedBatch:
+                 generator: torch.Generator | None = None, items: list[int] | None = None) -> EncodedBatch:
     """Run the frozen encoder `enc` on one batch and split its output into per-item states.
 
     inputs: token-id lists (text encoders) or pixels (B, 3, H, W) made by `enc.transform`
@@ -122,8 +125,10 @@ def encode_items(enc, inputs: list[list[int]] | torch.Tensor, *, modality: str, 
     dtype: the storage dtype ("float32" | "float16" | "bfloat16") the states are rounded to,
     exactly as the cache stores them.
     expected_widths: name → width of each stored token array (the cache's), checked when given.
+    items: the batch's item ids, only to name an item in errors (default: batch positions).
     Returns one ItemStates per batch item, holding only its real tokens (mask True).
-    Raises RuntimeError when the encoder's outputs disagree with its identity or with each other.
+    Raises RuntimeError when the encoder's outputs disagree with its identity or with each other,
+    and finite.NonFiniteFeatureError when a stored value would be inf/NaN (never cached).
     """
     with torch.inference_mode():
         out = enc.encode(inputs, input_noise=input_noise, generator=generator)
@@ -135,6 +140,8 @@ def encode_items(enc, inputs: list[list[int]] | torch.Tensor, *, modality: str, 
         raise RuntimeError(f"{modality} encoder {name} returned {len(tensors)} token arrays; the cache "
                            f"expects {list(widths)}")
     mask = out.mask.to("cpu").bool()
+    check_batch(modality, list(items) if items is not None else list(range(mask.shape[0])), mask,
+                dict(zip(widths, tensors)), out.pooled, dtype)
     arrays = [to_storage(t, dtype) for t in tensors]
     pool = to_storage(out.pooled, dtype)
     for (array_name, width), arr in zip(widths.items(), arrays):

@@ -13,11 +13,13 @@ from molt_cache.cache.manifest import CacheMismatchError, compare_manifests, rea
 from molt_cache.cache.writer import BackgroundWriter, create_cache
 from molt_cache.datasets.base import DatasetReader
 from molt_cache.encoders.base import ImageEncoder, TextEncoder
+from molt_cache.encoders.text_limits import truncation_lines
 from molt_cache.extract.config import ExtractConfig, ExtractResult
 from molt_cache.extract.finish import _dir_bytes, _wait_for, finish_cache, summary_line
 from molt_cache.extract.plan import (_check_out_dir, _open_reader, _resolve_device, _resolve_rank,
                                      open_encoders, plan_extraction, preflight_disk, read_rows)
 from molt_cache.extract.units import _fail_on_bad_images, _run_image_units, _run_text_units, _Run
+from molt_cache.finite import NonFiniteFeatureError
 
 
 def _quiet(*_args) -> None:
@@ -56,12 +58,17 @@ def extract(cfg: ExtractConfig, *, progress: Callable[[int, int], None] | None =
     collected, fp_rows, excluded = read_rows(cfg, reader, out)
     if reader.report.rows:
         log(f"{reader.report.summary()} (first: {reader.report.rows[0].source}: {reader.report.rows[0].reason})")
+    for note in getattr(reader, "notes", []) or []:
+        log(f"note: {note}")
     text_encoder, image_encoder = open_encoders(cfg, device, dtype, text_encoder, image_encoder)
     plan = plan_extraction(cfg, reader, collected, fp_rows, excluded, text_encoder, image_encoder)
     plans, manifest = plan.splits, plan.manifest
+    for line in truncation_lines(plan.text_lengths):
+        log(f"truncated: {line}")
 
     state = _check_out_dir(out, manifest)
-    result = ExtractResult(out_dir=out, complete=False, reused=False, bytes_planned=plan.bytes_planned)
+    result = ExtractResult(out_dir=out, complete=False, reused=False, bytes_planned=plan.bytes_planned,
+                           text_lengths=plan.text_lengths)
     if state == "complete":
         log(f"cache complete, reusing {out}")
         result.complete = result.reused = True
@@ -115,6 +122,8 @@ def extract(cfg: ExtractConfig, *, progress: Callable[[int, int], None] | None =
             units = [u for q, m, u in mine if q is p and m is p.text]
             _run_text_units(run, p.split, p.text, ids, units, writer, unit_hook)
         result.text_seconds = time.perf_counter() - t_text
+    except NonFiniteFeatureError as e:
+        raise e.name_sample(plans)  # split set by the unit; the sample id from the split plan
     finally:
         writer.close()  # flush finished units even when a later one failed: they are valid
     result.bytes_written = writer.bytes_written

@@ -22,7 +22,9 @@ from molt_cache.cache.writer import STORAGE_DTYPES, ModalityPlan, SplitPlan
 from molt_cache.datasets.base import DatasetError, DatasetReader, ImageRef
 from molt_cache.encoders.base import ImageEncoder, TextEncoder
 from molt_cache.extract.config import ExtractConfig
+from molt_cache.encoders.text_limits import tokenize_splits
 from molt_cache.extract.encode import BLANK_IMAGE_KEY, TEXT_BATCHING
+from molt_cache.finite import NONFINITE_CHECK
 
 
 @dataclass
@@ -195,7 +197,8 @@ def open_encoders(cfg: ExtractConfig, device: str, dtype: str, text_encoder: Tex
     """The encoders `cfg` names (unless given), checked: a storable dtype and cfg.layers layers."""
     if text_encoder is None or image_encoder is None:
         from molt_cache.encoders import create_image_encoder, create_text_encoder
-        text_encoder = text_encoder or create_text_encoder(cfg.text, device=device, dtype=dtype, layers=cfg.layers)
+        text_encoder = text_encoder or create_text_encoder(cfg.text, device=device, dtype=dtype, layers=cfg.layers,
+                                                           max_length=cfg.max_length)
         image_encoder = image_encoder or create_image_encoder(cfg.image, device=device, dtype=dtype,
                                                               layers=cfg.layers, weights=cfg.image_weights)
     for enc in (text_encoder, image_encoder):
@@ -228,6 +231,7 @@ class ExtractPlan:
     token_ids: list[list[list[int]]]  # per split, per unique text
     manifest: dict  # complete=False until finish
     excluded: set[str]  # image keys listed in BAD_IMAGES_FILE by an earlier run
+    text_lengths: dict = field(default_factory=dict)  # encoders/text_limits.tokenize_splits: max length, truncation
 
     @property
     def bytes_planned(self) -> int:
@@ -253,10 +257,9 @@ def plan_extraction(cfg: ExtractConfig, reader: DatasetReader, collected: list[_
                     excluded: set[str], text_encoder: TextEncoder, image_encoder: ImageEncoder) -> ExtractPlan:
     """Tokenize, size every array exactly, and build the (incomplete) manifest."""
     plans: list[SplitPlan] = []
-    token_ids_per_split: list[list[list[int]]] = []
-    for rows in collected:
-        ids = tokenize_texts(text_encoder, rows.texts)
-        token_ids_per_split.append(ids)
+    # every split tokenized and length-checked before any unit runs; truncation counted per split
+    token_ids_per_split, text_lengths = tokenize_splits(text_encoder, [(r.split, r.texts) for r in collected])
+    for rows, ids in zip(collected, token_ids_per_split):
         lengths = np.array([len(t) for t in ids], dtype=np.int64)
         n_img = image_encoder.num_tokens
         task_multi = reader.task == "multi-label"
@@ -282,7 +285,7 @@ def plan_extraction(cfg: ExtractConfig, reader: DatasetReader, collected: list[_
     manifest = build_manifest(
         dataset={"name": reader.name, "root": cfg.root, "task": reader.task, "labels": list(reader.labels),
                  "fingerprint": dataset_fingerprint(fp_rows), "excluded_images": sorted(excluded),
-                 "limit": cfg.limit},
+                 "limit": cfg.limit, "notes": list(getattr(reader, "notes", []) or [])},
         splits={p.split: {"pairs": len(p.sample_ids), "texts": p.text.n_items, "images": p.image.n_items,
                           "text_tokens": p.text.n_tokens, "image_tokens": p.image.n_tokens} for p in plans},
         text=text_encoder.identity, image=image_encoder.identity, perturbation=cfg.perturbation(),
@@ -290,8 +293,9 @@ def plan_extraction(cfg: ExtractConfig, reader: DatasetReader, collected: list[_
     manifest["extraction"] = {"text_spec": cfg.text, "image_spec": cfg.image, "image_weights": cfg.image_weights,
                               "dataset_options": cfg.dataset_options, "batch_tokens": cfg.batch_tokens,
                               "image_batch_size": cfg.image_batch_size, "on_bad": cfg.on_bad,
-                              "text_batching": TEXT_BATCHING}
-    return ExtractPlan(plans, collected, token_ids_per_split, manifest, excluded)
+                              "text_batching": TEXT_BATCHING, "nonfinite_check": NONFINITE_CHECK}
+    manifest["text_lengths"] = text_lengths
+    return ExtractPlan(plans, collected, token_ids_per_split, manifest, excluded, text_lengths)
 
 
 def preflight_disk(cfg: ExtractConfig, plan: ExtractPlan, out: Path, done: list[bool],

@@ -23,6 +23,7 @@ from molt_cache.encoders.base import ImageEncoder, TextEncoder
 from molt_cache.extract.config import ExtractConfig, ExtractResult
 from molt_cache.extract.encode import ItemStates, encode_items, item_generator, load_image, text_batches
 from molt_cache.extract.plan import _Rows
+from molt_cache.finite import NonFiniteFeatureError
 
 
 def _item_generator(enc, cfg: ExtractConfig, split: str, modality: str, item: int) -> torch.Generator:
@@ -59,10 +60,14 @@ def _unit_result(split: str, plan: ModalityPlan, unit: int, enc, run_batches,
     pooled: dict[int, np.ndarray] = {}
     real = padded = 0
     owned_set = set(owned.tolist())
-    for batch, encoded in run_batches(overlap, owned):
-        _fill(plan, unit, batch, encoded.items, enc, buffers, pooled, owned_set)
-        real, padded = real + encoded.real_tokens, padded + encoded.computed_tokens
-        advance(plan.modality, sum(1 for k in batch if k in owned_set))  # each item counted once
+    try:
+        for batch, encoded in run_batches(overlap, owned):
+            _fill(plan, unit, batch, encoded.items, enc, buffers, pooled, owned_set)
+            real, padded = real + encoded.real_tokens, padded + encoded.computed_tokens
+            advance(plan.modality, sum(1 for k in batch if k in owned_set))  # each item counted once
+    except NonFiniteFeatureError as e:  # the unit is never written nor recorded; extract names the sample
+        e.split = split
+        raise
     pooled_rows = (np.stack([pooled[int(k)] for k in owned]) if len(owned)
                    else np.zeros((0, plan.pooled_width), dtype=STORAGE_DTYPES[plan.dtype]))
     return UnitResult(split=split, modality=plan.modality, unit=unit, rows=(a, b), token_arrays=buffers,
@@ -115,7 +120,7 @@ def _run_text_units(run: _Run, split: str, plan: ModalityPlan, token_ids: list[l
             for batch in text_batches(overlap, inner, lengths, cfg.batch_tokens, single=noisy):
                 gen = _item_generator(enc, cfg, split, "text", batch[0]) if noisy else None
                 yield batch, encode_items(enc, [token_ids[k] for k in batch], modality="text", dtype=plan.dtype,
-                                          expected_widths=plan.token_widths,
+                                          expected_widths=plan.token_widths, items=batch,
                                           input_noise=cfg.noise if noisy else 0.0, generator=gen)
 
         r = _unit_result(split, plan, unit, enc, run_batches, run.advance)
@@ -151,7 +156,7 @@ def _run_image_units(run: _Run, split: str, plan: ModalityPlan, rows: _Rows, uni
                 px = torch.stack([pending[k] for k in batch]).to(enc.device, enc.dtype)
                 gen = _item_generator(enc, cfg, split, "image", batch[0]) if noisy else None
                 yield batch, encode_items(enc, px, modality="image", dtype=plan.dtype,
-                                          expected_widths=plan.token_widths,
+                                          expected_widths=plan.token_widths, items=batch,
                                           input_noise=cfg.noise if noisy else 0.0, generator=gen)
 
         r = _unit_result(split, plan, unit, enc, run_batches, run.advance)

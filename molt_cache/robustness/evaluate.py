@@ -15,6 +15,7 @@ from typing import Callable
 
 from molt_cache.cache.loader import make_loader
 from molt_cache.cache.reader import open_cache
+from molt_cache.finite import scan_split
 from molt_cache.robustness.perturb import MissingTable, make_perturb
 from molt_cache.train import check_run_matches_cache, evaluate, load_run, resolve_device
 
@@ -139,6 +140,7 @@ def run_robustness(cfg: RobustnessConfig, *, log: Callable[[str], None] = print,
         reader = open_cache(cache_path)
         check_run_matches_cache(config, reader)
         label = f"{heads_cfg.model}" + (f" -{'-'.join(heads_cfg.ablate)}" if heads_cfg.ablate else "")
+        scan_split(reader.split(cfg.split))  # refuse inf/NaN features (an older or altered cache): one read
         for cond in conds:
             split = reader.split(cfg.split)
             perturb = None
