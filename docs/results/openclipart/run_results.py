@@ -108,8 +108,7 @@ def collect(out: Path) -> list[dict]:
     """Every (variant, seed, condition) row: the sweeps' runs.json, then translate / input rows."""
     rows = []
     for group, suffix in (("main", ""), ("mr", " +MR")):
-        path = out / group / "runs.json"
-        if path.exists():
+        for path in sorted((out / group).glob("*/seed*/robustness.json")):  # each finished run's sweep rows
             rows += [{**r, "variant": r["variant"] + suffix} for r in json.loads(path.read_text())]
     for variant, run in fused_runs(out):
         seed = int(run.name.removeprefix("seed"))
@@ -137,6 +136,7 @@ def stage_summary(out: Path) -> None:
             if m.exists():
                 times[f"{group}/{run.parent.name}/{run.name}"] = json.loads(m.read_text()).get("seconds")
     (out / "train_seconds.json").write_text(json.dumps(times, indent=2) + "\n")
+    (out / "tables.md").write_text(markdown(summary, paired) + "\n")
     print(markdown(summary, paired))
     plot(summary, out / "openclipart_accuracy.png")
 
@@ -185,6 +185,7 @@ def plot(summary: list[dict], path: Path) -> None:
     ax.legend(fontsize=7)
     conds = ["clean", "text absent (feature, zero)", "text absent (feature, translate)", "text absent (input, empty)",
              "image absent (feature, zero)", "image absent (feature, translate)", "image absent (input, empty)"]
+    conds = [c for c in conds if any((v, c) in cell for v in fused)]  # conditions not run get no empty slot
     width = 0.8 / max(len(fused), 1)
     for j, v in enumerate(fused):
         ms = [cell.get((v, c)) for c in conds]
@@ -198,7 +199,7 @@ def plot(summary: list[dict], path: Path) -> None:
     bx.set_xticklabels([c.replace(" (", "\n(") for c in conds], fontsize=7)
     bx.set_title("missing modality")
     bx.grid(alpha=0.3, axis="y")
-    bx.legend(fontsize=6)
+    bx.legend(fontsize=6, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
