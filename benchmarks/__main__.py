@@ -4,7 +4,8 @@ from __future__ import annotations
 import sys
 
 BENCHMARKS = {"extract": "benchmarks.bench_extract", "train": "benchmarks.bench_train", "cca": "benchmarks.bench_cca",
-              "finite": "benchmarks.bench_finite"}
+              "checksum": "benchmarks.bench_checksum", "finite": "benchmarks.bench_finite",
+              "scale": "benchmarks.bench_scale", "grouping": "benchmarks.bench_grouping"}
 
 
 def main(argv: list[str]) -> None:

@@ -38,49 +38,61 @@ def _ident(modality, widths, final_width, pooled, final_is_last):
             "dtype": "float16", "final_is_last_layer": final_is_last, "extra": {}}
 
 
-def _array(g, name, values, chunk_bytes=1 << 20):
+def _codecs(checksums: bool) -> list:
+    """Format 2: zstd then crc32c on every chunk; `checksums=False` only for the cost benchmark."""
+    zstd = zarr.codecs.ZstdCodec(level=3)
+    return [zstd, zarr.codecs.Crc32cCodec()] if checksums else [zstd]
+
+
+def _array(g, name, values, chunk_bytes=1 << 20, checksums=True):
     row_bytes = max(1, values[0].nbytes if values.ndim > 1 else values.itemsize)
     rows = max(1, min(len(values), chunk_bytes // row_bytes))
-    codecs = zarr.codecs.ZstdCodec(level=3)
     a = g.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(rows, *values.shape[1:]),
-                       compressors=codecs)
+                       compressors=_codecs(checksums), config={"write_empty_chunks": True})
     a[...] = values
 
 
 def write_bench_cache(path: Path, pairs: int, pairs_per_image: int = 4, text_tokens: int = 24,
                       text_width: int = 576, image_tokens: int = 50, image_width: int = 768,
-                      layers: int = 4, seed: int = 0) -> int:
+                      layers: int = 4, seed: int = 0, checksums: bool = True) -> int:
     """SmolLM2-135M-like text (576 wide, final = last layer) and ViT-B/32-like image (50 tokens,
-    768 wide). Returns the stored bytes of the feature arrays (uncompressed)."""
+    768 wide). Returns the stored bytes of the feature arrays (uncompressed).
+    `checksums=False` leaves out the crc32c (the reader refuses that; benchmarks only)."""
     rng = np.random.default_rng(seed)
+
+    def put(g, name, values):
+        _array(g, name, values, checksums=checksums)
+
     root = zarr.open_group(str(path), mode="w-")
     g = root.create_group("train")
     n_images = -(-pairs // pairs_per_image)
     lengths = rng.integers(text_tokens // 2, text_tokens * 3 // 2 + 1, pairs)
     t_off = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     i_off = (np.arange(n_images + 1) * image_tokens).astype(np.int64)
-    _array(g, "pairs/text_index", np.arange(pairs, dtype=np.int64))
-    _array(g, "pairs/image_index", (np.arange(pairs) // pairs_per_image).astype(np.int64))
-    _array(g, "pairs/target", rng.integers(0, 3, pairs).astype(np.int64))
-    sid = g.create_array("pairs/sample_id", shape=(pairs,), dtype=str, chunks=(pairs,))
+    put(g, "pairs/text_index", np.arange(pairs, dtype=np.int64))
+    put(g, "pairs/image_index", (np.arange(pairs) // pairs_per_image).astype(np.int64))
+    put(g, "pairs/target", rng.integers(0, 3, pairs).astype(np.int64))
+    sid = g.create_array("pairs/sample_id", shape=(pairs,), dtype=str, chunks=(pairs,),
+                         compressors=_codecs(checksums))
     sid[:] = np.array([f"s{i}" for i in range(pairs)], dtype=object)
     stored = 0
     for modality, off, width, n, final_is_last, pooled in (
             ("text", t_off, text_width, pairs, True, text_width),
             ("image", i_off, image_width, n_images, False, 512)):
-        _array(g, f"{modality}/offsets", off)
+        put(g, f"{modality}/offsets", off)
         names = [f"layer_{k}" for k in range(layers)] + ([] if final_is_last else ["final"])
         for name in names:
             values = (rng.standard_normal((int(off[-1]), width), dtype=np.float32)).astype(np.float16)
-            _array(g, f"{modality}/{name}", values)
+            put(g, f"{modality}/{name}", values)
             stored += values.nbytes
         p = rng.standard_normal((n, pooled), dtype=np.float32).astype(np.float16)
-        _array(g, f"{modality}/pooled", p)
+        put(g, f"{modality}/pooled", p)
         stored += p.nbytes
-    keys = g.create_array("image/image_key", shape=(n_images,), dtype=str, chunks=(n_images,))
+    keys = g.create_array("image/image_key", shape=(n_images,), dtype=str, chunks=(n_images,),
+                          compressors=_codecs(checksums))
     keys[:] = np.array([f"i{k}" for k in range(n_images)], dtype=object)
     manifest = {
-        "format_version": 1, "molt_cache_version": "0.1.0",
+        "format_version": 2, "molt_cache_version": "0.1.0",
         "dataset": {"name": "bench", "root": "", "task": "single-label", "labels": ["a", "b", "c"],
                     "fingerprint": "bench"},
         "splits": {"train": {"pairs": pairs, "texts": pairs, "images": n_images,

@@ -34,7 +34,7 @@ def user_errors():
     try:
         yield
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, OSError) as e:
-        err_console.print(f"[bold red]error:[/] {e}")
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)  # one line, greppable
         raise typer.Exit(code=2) from None
 
 
@@ -43,3 +43,10 @@ def parse_float_list(text: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{option}: expected comma-separated integers, got {text!r}") from None

@@ -1,6 +1,7 @@
 """`molt`: composes the commands; each lives in its own module and holds no logic."""
 import typer
 
+from cli.cache import cache_app
 from cli.datasets import datasets_app
 from cli.demo import demo
 from cli.extract import extract
@@ -16,6 +17,7 @@ app.command("robustness")(robustness)
 app.command("sweep")(sweep)
 app.command("demo")(demo)
 app.add_typer(datasets_app, name="datasets")
+app.add_typer(cache_app, name="cache")
 
 if __name__ == "__main__":
     app()

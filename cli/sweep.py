@@ -5,7 +5,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.common import console, parse_float_list, print_config, user_errors
+from cli.common import console, parse_float_list, parse_int_list, print_config, user_errors
 from molt_cache.sweep import SweepConfig
 
 
@@ -35,7 +35,7 @@ def sweep(
     with user_errors():
         cfg = SweepConfig(
             cache=cache, variants=[v.strip() for v in variants.split(",") if v.strip()],
-            seeds=[int(s) for s in seeds.split(",") if s.strip()], out_dir=out_dir, noise=parse_float_list(noise),
+            seeds=parse_int_list(seeds, "--seeds"), out_dir=out_dir, noise=parse_float_list(noise),
             missing=[] if missing.strip() == "none" else [m.strip() for m in missing.split(",") if m.strip()],
             strategy=strategy, reg_weight=reg_weight,
             train={"epochs": epochs, "batch_size": batch_size, "patience": patience, "device": device,

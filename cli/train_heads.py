@@ -29,7 +29,9 @@ def train_heads(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     amp: Annotated[str, typer.Option(help="auto (fp16 on CUDA, off on CPU) | off | fp16 | bf16")] = "auto",
     patience: Annotated[int, typer.Option(help="Early stopping: epochs without a better val metric.")] = 5,
-    in_memory: Annotated[bool, typer.Option(help="Hold the cache in RAM (refused if it does not fit).")] = False,
+    store: Annotated[str, typer.Option(help="Where the features are held: auto (the fastest that fits, printed) | device | host (RAM, pinned for a GPU) | stream (from disk).")] = "auto",
+    in_memory: Annotated[bool, typer.Option(help="Alias of --store host.")] = False,
+    pairs_per_image: Annotated[int, typer.Option(help="K > 0: training batches hold B/K images with K of their pairs each (image work shared); 0 = i.i.d. pairs.")] = 0,
     num_workers: Annotated[int, typer.Option(help="Background loader workers.")] = 0,
     missing_rate: Annotated[float, typer.Option(help="Train with this fraction of pairs missing a modality.")] = 0.0,
     missing_type: Annotated[str, typer.Option(help="both | text | image")] = "both",
@@ -59,6 +61,7 @@ def train_heads(
                                 ablate=[a.strip() for a in ablate.split(",") if a.strip()])
         cfg = TrainConfig(cache=cache, run_dir=run_dir, epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha,
                           beta=beta, seed=seed, device=device, amp=amp, patience=patience, in_memory=in_memory,
+                          store=store, pairs_per_image=pairs_per_image,
                           num_workers=num_workers, missing_rate=missing_rate, missing_type=missing_type,
                           train_noise=train_noise, train_noise_on=train_noise_on, reg=reg_weights)
         print_config("train-heads", cfg, heads_cfg)
@@ -79,7 +82,7 @@ def train_heads(
                                    + ("  [green]best[/]" if rec["best"] else ""))
 
         with progress:
-            result = run(cfg, heads_cfg, on_epoch=on_epoch, on_step=on_step)
+            result = run(cfg, heads_cfg, on_epoch=on_epoch, on_step=on_step, on_info=progress.console.print)
     table = Table(title=f"{model} heads: best epoch {result.best_epoch} of {result.epochs_run} ({result.seconds:.1f}s)")
     table.add_column("split")
     keys = list(result.val)

@@ -1,5 +1,11 @@
 """The batch that stage two's heads consume: what the cache reader yields and what robustness
-perturbations transform. Token dims are padded per batch; masks mark real tokens."""
+perturbations transform. Token dims are padded per batch; masks mark real tokens.
+
+Two image layouts. Per pair (`image_rows is None`): every image tensor has one row per pair.
+Deduplicated (`image_rows` set, what the feature store serves): the image tensors hold one row
+per *distinct* image of the batch (U ≤ B) and pair b's image is row `image_rows[b]`, so an image
+shared by 18 pairs (SNLI-VE) is gathered and widened once; `per_pair()` expands to the first
+layout for code that needs it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
@@ -13,14 +19,15 @@ class FeatureBatch:
     text_final: torch.Tensor  # (B, Tt, D_t)  E_t
     text_pooled: torch.Tensor  # (B, P_t)
     text_mask: torch.Tensor  # (B, Tt) bool, True = real token
-    image_layers: list[torch.Tensor]  # L_s × (B, Ti, D_i,l)
-    image_final: torch.Tensor  # (B, Ti, D_i)  E_i
-    image_pooled: torch.Tensor  # (B, P_i)
-    image_mask: torch.Tensor  # (B, Ti) bool
+    image_layers: list[torch.Tensor]  # L_s × (B, Ti, D_i,l); (U, Ti, D_i,l) when image_rows is set
+    image_final: torch.Tensor  # (B, Ti, D_i)  E_i; (U, Ti, D_i)
+    image_pooled: torch.Tensor  # (B, P_i); (U, P_i)
+    image_mask: torch.Tensor  # (B, Ti) bool; (U, Ti)
     targets: torch.Tensor  # (B,) int64 for single-label; (B, C) float 0/1 for multi-label
     index: torch.Tensor  # (B,) int64 pair index within its split (seeds per-sample noise/missing)
     text_present: torch.Tensor  # (B,) bool; False = text absent (robustness / missing-rate)
-    image_present: torch.Tensor  # (B,) bool
+    image_present: torch.Tensor  # (B,) bool, always per pair
+    image_rows: torch.Tensor | None = None  # (B,) int64 row of each pair's image; None = per pair
 
     @classmethod
     def complete_pairs(cls, text: tuple, image: tuple, targets: torch.Tensor, index: torch.Tensor) -> "FeatureBatch":
@@ -37,6 +44,21 @@ class FeatureBatch:
     @property
     def size(self) -> int:
         return self.targets.shape[0]
+
+    def per_pair(self) -> "FeatureBatch":
+        """The same batch with one image row per pair (a gather; no-op when already per pair)."""
+        if self.image_rows is None:
+            return self
+        rows = self.image_rows
+        gathered: dict[int, torch.Tensor] = {}
+
+        def g(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in gathered:  # keep image_final shared with image_layers[-1] if it was
+                gathered[id(t)] = t.index_select(0, rows)
+            return gathered[id(t)]
+
+        return replace(self, image_layers=[g(t) for t in self.image_layers], image_final=g(self.image_final),
+                       image_pooled=g(self.image_pooled), image_mask=g(self.image_mask), image_rows=None)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "FeatureBatch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -56,6 +78,8 @@ class FeatureBatch:
             return done[id(t)]
 
         def move(x):
+            if x is None:
+                return None
             return [one(t) for t in x] if isinstance(x, list) else one(x)
 
         return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)})

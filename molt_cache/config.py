@@ -6,7 +6,10 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
+
+from molt_cache.validate import (COUNT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, Range,
+                                 check_numbers)
 
 T = TypeVar("T")
 
@@ -48,6 +51,14 @@ class HeadsConfig:
     multi_label: bool = False
     dropout: float = 0.0
 
+    NUMERIC: ClassVar[dict[str, Range]] = {
+        "d_common": COUNT, "layers": COUNT, "fbp_stride": COUNT, "cca_ridge": NON_NEGATIVE,
+        "cca_top_k": NON_NEGATIVE_INT, "num_classes": NON_NEGATIVE_INT,
+        "dropout": Range(lo=0, hi=1, hi_open=True)}
+
+    def validate(self) -> None:
+        check_numbers(self)
+
 
 @dataclass
 class TrainConfig:
@@ -64,10 +75,21 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1"
     amp: str = "auto"  # "auto" (fp16 on CUDA, off on CPU) | "off" | "fp16" | "bf16"
     patience: int = 5  # early stopping on the val metric
-    in_memory: bool = False
+    in_memory: bool = False  # alias of store="host" (kept: older run configs and scripts use it)
+    store: str = "auto"  # feature store placement: auto (fastest that fits) | device | host | stream
+    pairs_per_image: int = 0  # K > 0: training batches hold B/K images with K pairs each; 0 = i.i.d.
     num_workers: int = 0
     missing_rate: float = 0.0
     missing_type: str = "both"  # "both" | "text" | "image"
     train_noise: float = 0.0
     train_noise_on: str = "both"  # "image" | "text" | "both"
     reg: dict[str, float] = field(default_factory=dict)  # second-seed regularizers: name -> weight
+
+    NUMERIC: ClassVar[dict[str, Range]] = {
+        "epochs": COUNT, "batch_size": Range(lo=2, integer=True),  # DCCA needs two pairs a batch
+        "lr": POSITIVE, "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, "seed": NON_NEGATIVE_INT,
+        "patience": COUNT, "num_workers": NON_NEGATIVE_INT, "missing_rate": FRACTION,
+        "train_noise": NON_NEGATIVE, "reg": NON_NEGATIVE}
+
+    def validate(self) -> None:
+        check_numbers(self)

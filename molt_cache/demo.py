@@ -13,9 +13,10 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 from molt_cache.config import HeadsConfig, TrainConfig
+from molt_cache.validate import COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, Range, check_numbers
 
 
 @dataclass
@@ -32,6 +33,13 @@ class DemoConfig:
     noise: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.2])
     levels: list[str] = field(default_factory=lambda: ["feature", "input"])
     device: str = "auto"
+
+    NUMERIC: ClassVar[dict[str, Range]] = {
+        "d_common": COUNT, "epochs": COUNT, "patience": COUNT, "batch_size": Range(lo=2, integer=True),
+        "lr": POSITIVE, "seed": NON_NEGATIVE_INT, "noise": NON_NEGATIVE}
+
+    def validate(self) -> None:
+        check_numbers(self)
 
     @property
     def text_spec(self) -> str:
@@ -62,6 +70,7 @@ def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] = print,
 
     from molt_cache.datasets import BUNDLED
 
+    cfg.validate()
     if cfg.dataset not in BUNDLED:
         raise ValueError(f"the demo runs on a bundled sample: {list(BUNDLED)}, not {cfg.dataset!r} "
                          f"(for a release on disk use molt extract / train-heads / robustness)")

@@ -108,6 +108,7 @@ def check_step(*, loss: torch.Tensor | None = None, params: list[torch.nn.Parame
 
 def nonfinite_rows(batch: Any) -> list[int]:
     """Pair indices of a FeatureBatch whose cached features hold inf/NaN."""
+    batch = batch.per_pair()  # the feature store's batches hold each image once: one row per pair here
     feats = [*batch.text_layers, batch.text_final, batch.text_pooled, *batch.image_layers, batch.image_final,
              batch.image_pooled]
     rows = torch.zeros(batch.size, dtype=torch.bool)
@@ -119,13 +120,15 @@ def nonfinite_rows(batch: Any) -> list[int]:
 def scan_split(split: Any, chunk_rows: int = 65536) -> None:
     """Read every stored feature array of one cache split (a `CacheSplit`) and raise
     NonFiniteError naming the cache, split, modality, array and first bad row."""
+    from molt_cache.cache.integrity import read_checked
+
     for modality in ("text", "image"):
         arrays = getattr(split, modality)
         named = [(a.basename if hasattr(a, "basename") else str(a.path).rsplit("/", 1)[-1], a)
                  for a in [*arrays.token_arrays, arrays.pooled]]
         for name, arr in named:
             for lo in range(0, arr.shape[0], chunk_rows):
-                block = np.asarray(arr[lo:lo + chunk_rows])
+                block = read_checked(arr, lo, min(lo + chunk_rows, arr.shape[0]))  # damage named too
                 if arrays.stored_dtype == "bfloat16" and block.dtype == np.uint16:
                     bad = (block & 0x7F80) == 0x7F80  # all-ones exponent: inf or NaN
                 else:

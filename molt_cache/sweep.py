@@ -11,9 +11,10 @@ import math
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 from molt_cache.config import HeadsConfig, TrainConfig
+from molt_cache.validate import NON_NEGATIVE, NON_NEGATIVE_INT, Range, check_numbers
 
 ABLATIONS = ("cross-attn", "cca", "M", "fusion", "fbp")
 
@@ -30,6 +31,15 @@ class SweepConfig:
     reg_weight: float = 0.1  # weight of a `reg:NAME` variant's regularizer
     train: dict = field(default_factory=dict)  # TrainConfig overrides (epochs, batch_size, ...)
     heads: dict = field(default_factory=dict)  # HeadsConfig overrides (d_common, ...)
+
+    NUMERIC: ClassVar[dict[str, Range]] = {"seeds": NON_NEGATIVE_INT, "noise": NON_NEGATIVE,
+                                           "reg_weight": NON_NEGATIVE}
+
+    def validate(self) -> None:
+        """Every number of the sweep and of the train/heads overrides, before any run."""
+        check_numbers(self)
+        check_numbers(self.train, {k: r for k, r in TrainConfig.NUMERIC.items() if k in self.train})
+        check_numbers(self.heads, {k: r for k, r in HeadsConfig.NUMERIC.items() if k in self.heads})
 
 
 def variant_configs(variant: str, cfg: SweepConfig) -> tuple[HeadsConfig, dict[str, float]]:
@@ -64,6 +74,7 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] = print) -> list[d
     from molt_cache.robustness.evaluate import RobustnessConfig, run_robustness
     from molt_cache.train import train_heads
 
+    cfg.validate()
     plans = [(v, *variant_configs(v, cfg)) for v in cfg.variants]  # validate all before any work
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,16 +19,22 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from molt_cache.batch import FeatureBatch
-from molt_cache.cache.loader import make_loader
+from molt_cache.cache.store import FeatureStore, choose_placement, make_batches
 from molt_cache.cache.reader import CacheReader, check_compatible, open_cache
 from molt_cache.config import HeadsConfig, TrainConfig, from_dict, to_dict
 from molt_cache.finite import check_step
 from molt_cache.heads.model import FeatureDims, build_heads
 from molt_cache.losses.task import task_loss
 from molt_cache.metrics import compute_metrics, primary_metric
-from molt_cache.robustness.perturb import MissingTable, make_perturb
+from molt_cache.perturb import MissingTable, make_perturb
 
 RUN_FILES = ("config.json", "heads.safetensors", "metrics.json", "log.jsonl")
+# The training loop reads the loss back to the host (a device sync) only every this many steps.
+LOG_EVERY = 20
+
+
+class RunFileError(ValueError):
+    """A run folder's config.json or heads.safetensors is malformed; names the file and the fix."""
 
 
 @dataclass
@@ -83,21 +89,28 @@ def heads_config_for(reader: CacheReader, heads_cfg: HeadsConfig) -> HeadsConfig
     return heads_cfg
 
 
+def for_heads(heads, batch: FeatureBatch) -> FeatureBatch:
+    """The batch in the layout `heads` takes: heads without image-once support (no `image_once`
+    attribute) get one image row per pair."""
+    return batch if getattr(heads, "image_once", False) else batch.per_pair()
+
+
 def training_step(heads, batch: FeatureBatch, cfg: TrainConfig, heads_cfg: HeadsConfig, regularizers,
-                  amp: torch.dtype | None, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
-    """Forward + loss of one batch: L = α·L_CCA + β·L_task (+ Σ w_r·L_r)."""
+                  amp: torch.dtype | None, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward + loss of one batch: L = α·L_CCA + β·L_task (+ Σ w_r·L_r). The parts are detached
+    0-dim tensors on the device (reading them back is a host sync: the caller decides when)."""
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        out = heads(batch)
+        out = heads(for_heads(heads, batch))
     loss_task = task_loss(out.logits.float(), batch.targets, heads_cfg.multi_label)
     loss = cfg.beta * loss_task
-    parts = {"task": float(loss_task.detach())}
+    parts = {"task": loss_task.detach()}
     if out.cca_loss is not None:
         loss = loss + cfg.alpha * out.cca_loss
-        parts["cca"] = float(out.cca_loss.detach())
+        parts["cca"] = out.cca_loss.detach()
     if regularizers is not None and out.common:
         for name, value in regularizers(out.common).items():
             loss = loss + value  # already weighted
-            parts[name] = float(value.detach())
+            parts[name] = value.detach()
     return loss, parts
 
 
@@ -110,7 +123,7 @@ def predict(heads, loader, device: torch.device, *, missing_strategy: str = "zer
     for batch in loader:
         batch = batch.to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            out = heads(batch, missing_strategy=missing_strategy)
+            out = heads(for_heads(heads, batch), missing_strategy=missing_strategy)
         logits.append(out.logits.float().cpu().numpy())
         targets.append(batch.targets.cpu().numpy())
     if not logits:
@@ -136,7 +149,7 @@ def held_out_correlations(heads, loader, device: torch.device, top_k: int) -> di
     heads.eval()
     per_layer: list[tuple[list, list]] = []
     for batch in loader:
-        out = heads(batch.to(device))
+        out = heads(for_heads(heads, batch.to(device)))
         if not out.common:
             return {"skipped": "the model has no common space (baseline)"}
         if not per_layer:
@@ -176,11 +189,33 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     missing = [f for f in ("config.json", "heads.safetensors") if not (run_dir / f).exists()]
     if missing:
         raise FileNotFoundError(f"{run_dir} is not a train-heads run folder: missing {missing}")
-    config = json.loads((run_dir / "config.json").read_text())
-    heads_cfg = from_dict(HeadsConfig, config["heads"])
-    train_cfg = from_dict(TrainConfig, config["train"])
-    heads = build_heads(heads_cfg, FeatureDims(**config["dims"]))
-    heads.load_state_dict(load_file(str(run_dir / "heads.safetensors")))
+    config_path, weights_path = run_dir / "config.json", run_dir / "heads.safetensors"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunFileError(f"{config_path}: not valid JSON ({e}); the run folder is damaged, "
+                           "retrain it with `molt train-heads`") from None
+    try:
+        heads_cfg = from_dict(HeadsConfig, config["heads"])
+        train_cfg = from_dict(TrainConfig, config["train"])
+        dims = FeatureDims(**config["dims"])
+        for key in ("dataset", "text", "image"):
+            config["cache"][key]  # noqa: B018 - robustness compares these with the cache
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunFileError(f"{config_path}: not a train-heads config ({type(e).__name__}: {e}); "
+                           "retrain it with `molt train-heads`") from None
+    heads = build_heads(heads_cfg, dims)
+    try:
+        state = load_file(str(weights_path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise RunFileError(f"{weights_path}: not a readable safetensors checkpoint ({e}); the run "
+                           "folder is damaged, retrain it with `molt train-heads`") from None
+    try:
+        heads.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise RunFileError(f"{weights_path}: does not fit the heads its config.json describes "
+                           f"({' '.join(first[:2])})") from None
     return heads.to(device).eval(), heads_cfg, train_cfg, config
 
 
@@ -218,18 +253,34 @@ def build_regularizers(cfg: TrainConfig, heads_cfg: HeadsConfig):
     return StructureRegularizers(cfg.reg, heads_cfg.d_common, heads_cfg.layers)
 
 
+def store_choice(cfg: TrainConfig) -> str:
+    """`--store`, with `--in-memory` as the alias of `--store host`."""
+    if cfg.in_memory:
+        if cfg.store not in ("auto", "host"):
+            raise ValueError(f"--in-memory means --store host; it contradicts --store {cfg.store}")
+        return "host"
+    return cfg.store
+
+
 def train_heads(cfg: TrainConfig, heads_cfg: HeadsConfig, *,
                 on_epoch: Callable[[dict], None] | None = None,
-                on_step: Callable[[int, int, int, float], None] | None = None) -> TrainResult:
+                on_step: Callable[[int, int, int, float], None] | None = None,
+                on_info: Callable[[str], None] | None = None) -> TrainResult:
     """Train heads on the caches' train split; best-on-val checkpoint; test metrics at the end.
 
     on_epoch(record) after each epoch (the log.jsonl record); on_step(epoch, step, steps, loss)
-    after each optimizer step (progress bars)."""
+    after each optimizer step (progress bars; the loss is read back every LOG_EVERY steps and the
+    last value repeated between); on_info(line) for setup facts (where the features are held)."""
     # -- setup ---------------------------------------------------------------------------------
+    cfg.validate()
+    heads_cfg.validate()
     if not cfg.cache:
         raise ValueError("no cache given: pass --cache DIR (made by `molt extract`)")
     if not 0.0 <= cfg.missing_rate <= 1.0:
         raise ValueError(f"--missing-rate must be in [0, 1], got {cfg.missing_rate}")
+    if cfg.pairs_per_image < 0:
+        raise ValueError(f"--pairs-per-image must be >= 0 (0 = i.i.d. pairs), got {cfg.pairs_per_image}")
+    store_kind = store_choice(cfg)
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and any((run_dir / f).exists() for f in RUN_FILES):
         raise FileExistsError(f"{run_dir} already holds a run; choose another --run-dir or remove it")
@@ -263,10 +314,21 @@ def train_heads(cfg: TrainConfig, heads_cfg: HeadsConfig, *,
         n_pairs = max(s.num_pairs for s in train_splits)
         missing_table = MissingTable.sample(n_pairs, cfg.missing_rate, cfg.missing_type, cfg.seed)
 
+    # Where the features live, decided once for all splits together (they share the memory).
+    placement, placement_line = choose_placement([*train_splits, *val_splits, *test_splits], store_kind, device)
+    if on_info:
+        on_info(placement_line)
+    stores: dict[int, FeatureStore | None] = {}
+    for split_list in (train_splits, val_splits, test_splits):
+        if split_list:
+            stores[id(split_list)] = None if placement.text == "stream" else FeatureStore(split_list, placement, device)
+
     def loader(split_list, *, shuffle: bool, epoch: int = 0, perturb_fn=None):
-        return make_loader(split_list, batch_size=cfg.batch_size, shuffle=shuffle, seed=cfg.seed, epoch=epoch,
-                           in_memory=cfg.in_memory, num_workers=cfg.num_workers, perturb=perturb_fn,
-                           pin_memory=device.type == "cuda")  # page-locked only when copies go to a GPU
+        return make_batches(split_list, store=stores[id(split_list)], batch_size=cfg.batch_size,
+                            shuffle=shuffle, seed=cfg.seed, epoch=epoch,
+                            pairs_per_image=cfg.pairs_per_image if shuffle else 0,
+                            num_workers=cfg.num_workers, perturb=perturb_fn,
+                            pin_memory=device.type == "cuda")  # page-locked only when copies go to a GPU
 
     run_dir.mkdir(parents=True, exist_ok=True)
     save_run(run_dir, heads, heads_cfg, cfg, dims, readers[0].manifest)
@@ -279,8 +341,9 @@ def train_heads(cfg: TrainConfig, heads_cfg: HeadsConfig, *,
     epoch = 0
     for epoch in range(cfg.epochs):
         heads.train()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step
         steps = 0
+        shown_loss = float("nan")
         train_loader = loader(train_splits, shuffle=True, epoch=epoch, perturb_fn=training_perturb(cfg, missing_table, epoch))
         for batch in train_loader:
             if batch.size < 2:  # DCCA needs two samples; a lone last pair (a different one each epoch) waits
@@ -299,14 +362,16 @@ def train_heads(cfg: TrainConfig, heads_cfg: HeadsConfig, *,
                 check_step(params=params, **where)
             scaler.step(optimizer)
             scaler.update()
-            parts["loss"] = float(loss.detach())
+            parts["loss"] = loss.detach()
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
+                sums[k] = sums[k] + v if k in sums else v.float().clone()
             steps += 1
             if on_step:
-                on_step(epoch, steps, len(train_loader), parts["loss"])
+                if steps % LOG_EVERY == 1 or steps == len(train_loader):
+                    shown_loss = float(parts["loss"])
+                on_step(epoch, steps, len(train_loader), shown_loss)
         val = evaluate(heads, loader(val_splits, shuffle=False), device, heads_cfg.multi_label, amp=amp)
-        record = {"epoch": epoch, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
+        record = {"epoch": epoch, **{f"train_{k}": float(v) / max(steps, 1) for k, v in sums.items()},
                   **{f"val_{k}": v for k, v in val.items()}, "seconds": time.perf_counter() - t0}
         with log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -329,5 +394,6 @@ def train_heads(cfg: TrainConfig, heads_cfg: HeadsConfig, *,
     result = TrainResult(run_dir, best_epoch, val, test, epoch + 1, time.perf_counter() - t0)
     (run_dir / "metrics.json").write_text(json.dumps(
         {"best_epoch": best_epoch, "epochs_run": epoch + 1, "val": val, "test": test,
+         "feature_store": placement.name,
          "val_canonical_correlations": val_cca, "seconds": result.seconds}, indent=2) + "\n")
     return result

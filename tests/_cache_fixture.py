@@ -1,4 +1,4 @@
-"""Writes a tiny cache in the documented layout (docs/cache-format.md v1) directly with zarr, so
+"""Writes a tiny cache in the documented layout (docs/cache-format.md v2: crc32c on every chunk, every chunk written) directly with zarr, so
 the reader/loader tests do not depend on the extraction code. Returns the values written."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+import zarr.codecs
 
 
 @dataclass
@@ -25,7 +26,7 @@ class TinySpec:
     pairs_per_image: int = 3  # images shared by consecutive pairs, as in SNLI-VE
     text_len: tuple[int, int] = (1, 7)
     image_len: tuple[int, int] = (2, 5)
-    format_version: int = 1
+    format_version: int = 2
     complete: bool = True
     encoder_name: str = "tiny"
     seed: int = 0
@@ -58,7 +59,9 @@ def _identity(spec: TinySpec, modality: str) -> dict:
 def _store(group: zarr.Group, name: str, values: np.ndarray, rows: int) -> None:
     chunks = (max(1, rows),) + values.shape[1:]
     dtype = str if values.dtype.kind == "U" else values.dtype  # variable-length UTF-8 in zarr v3
-    arr = group.create_array(name, shape=values.shape, dtype=dtype, chunks=chunks)
+    arr = group.create_array(name, shape=values.shape, dtype=dtype, chunks=chunks,
+                             compressors=[zarr.codecs.ZstdCodec(level=3), zarr.codecs.Crc32cCodec()],
+                             config={"write_empty_chunks": True})
     arr[...] = values
 
 

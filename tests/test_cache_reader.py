@@ -39,7 +39,7 @@ def test_refuses_missing_and_foreign_folders(tmp_path):
 
 def test_refuses_other_format_version(tmp_path):
     write_tiny_cache(tmp_path / "c", TinySpec(format_version=7))
-    with pytest.raises(CacheError, match=r"format_version 7.*format versions \[1\]"):
+    with pytest.raises(CacheError, match=r"format_version 7.*format versions \[2\]"):
         open_cache(tmp_path / "c")
 
 

@@ -130,9 +130,11 @@ def test_train_keeps_best_checkpoint_when_nan_appears_later(clean_cache, tmp_pat
     def on_epoch(record):
         if record["epoch"] == 0:
             saved["best"] = (run / "heads.safetensors").read_bytes()
-            poison(cache)  # the loader reads zarr each epoch: epoch 1 meets NaN
+            poison(cache)  # the streaming loader reads zarr each epoch: epoch 1 meets NaN
 
-    cfg = TrainConfig(cache=[str(cache)], run_dir=str(run), epochs=3, batch_size=4, device="cpu", amp="off")
+    # streaming: the feature store (the default) loads the arrays once, before epoch 0
+    cfg = TrainConfig(cache=[str(cache)], run_dir=str(run), epochs=3, batch_size=4, device="cpu", amp="off",
+                      store="stream")
     with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at epoch 1, step \d+.*best checkpoint so far "
                                              r"\(epoch 0\) is left in"):
         train_heads(cfg, HeadsConfig(model="baseline", d_common=8, layers=4), on_epoch=on_epoch)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from molt_cache.batch import FeatureBatch
-from molt_cache.robustness.perturb import (MissingTable, gaussian_noise, make_perturb, missing)
+from molt_cache.perturb import (MissingTable, gaussian_noise, make_perturb, missing)
 
 torch.set_num_threads(1)
 

@@ -128,7 +128,7 @@ def test_feature_noise_zero_is_exactly_clean(work):
     assert len(rows) == 1 and rows[0]["condition"] == "clean"
     from molt_cache.cache.loader import make_loader
     from molt_cache.cache.reader import open_cache
-    from molt_cache.robustness.perturb import make_perturb
+    from molt_cache.perturb import make_perturb
     from molt_cache.train import load_run, predict
 
     heads, _, train_cfg, _ = load_run(work / "molt")
@@ -258,7 +258,7 @@ def test_training_noise_is_redrawn_each_epoch_missing_table_is_not(work):
     from molt_cache.cache.loader import make_loader
     from molt_cache.cache.reader import open_cache
     from molt_cache.config import TrainConfig
-    from molt_cache.robustness.perturb import MissingTable
+    from molt_cache.perturb import MissingTable
     from molt_cache.train import training_perturb
 
     split = open_cache(work / "cache").split("train")

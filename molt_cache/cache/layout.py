@@ -11,12 +11,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: crc32c on every chunk, every chunk written, content hashes in records, lock
 MANIFEST_ATTR = "molt_cache"  # root group attribute holding the manifest
 MANIFEST_FILE = "manifest.json"  # written last, on completion
 PROGRESS_DIR = "_progress"  # completion records of work units (resume state)
 BAD_IMAGES_FILE = "bad_images.json"  # images that failed to decode under on_bad=skip
-CREATED_MARKER = "created"  # in _progress/: rank 0 finished creating every array
+CREATED_MARKER = "created"  # in _progress/: rank 0 finished creating every array (JSON: file -> sha256)
+POOLED_RECORD = "pooled.json"  # in _progress/: sha256 of the pooled arrays' files, written by rank 0
+LOCK_FILE = "lock"  # in _progress/: flock-ed by the writing `molt extract` (one job at a time)
+LOCK_HOLDER_FILE = "lock.json"  # in _progress/: pid, host and command of the job holding the lock
 MODALITIES = ("text", "image")
 BF16_ATTR = "molt_cache_dtype"  # array attribute: "bfloat16" when uint16 holds bf16 bit patterns
 

@@ -33,6 +33,7 @@ import torch
 import zarr
 
 from molt_cache.batch import FeatureBatch
+from molt_cache.cache.integrity import read_checked
 from molt_cache.cache.reader import CacheError, CacheSplit, ModalityArrays, to_float32
 
 # Refuse in-memory loading beyond this share of available RAM (the trainer needs the rest).
@@ -60,7 +61,7 @@ class ChunkLRU:
                 self._chunks.move_to_end(c)
                 return hit
         lo = c * self.rows_per_chunk
-        data = np.asarray(self.array[lo:min(lo + self.rows_per_chunk, self.array.shape[0])])
+        data = read_checked(self.array, lo, min(lo + self.rows_per_chunk, self.array.shape[0]))
         with self._lock:
             self.decodes += 1
             self._chunks[c] = data
@@ -81,7 +82,7 @@ class InMemoryArray:
     """Rows of one array loaded whole into RAM."""
 
     def __init__(self, array: zarr.Array):
-        self.data = np.asarray(array[...])
+        self.data = read_checked(array)
 
     def rows(self, lo: int, hi: int) -> np.ndarray:
         return self.data[lo:hi]
@@ -130,11 +131,11 @@ class _SplitPlan:
 def _pair_tables(split: CacheSplit) -> tuple[np.ndarray, ...]:
     cached = getattr(split, "_loader_tables", None)
     if cached is None:
-        cached = (np.asarray(split.text_index[...], dtype=np.int64),
-                  np.asarray(split.image_index[...], dtype=np.int64),
-                  np.asarray(split.target[...]),
-                  np.asarray(split.text.offsets[...], dtype=np.int64),
-                  np.asarray(split.image.offsets[...], dtype=np.int64))
+        cached = (read_checked(split.text_index).astype(np.int64, copy=False),
+                  read_checked(split.image_index).astype(np.int64, copy=False),
+                  read_checked(split.target),
+                  read_checked(split.text.offsets).astype(np.int64, copy=False),
+                  read_checked(split.image.offsets).astype(np.int64, copy=False))
         split._loader_tables = cached
     return cached
 
@@ -175,9 +176,11 @@ def _blocks(text_index: np.ndarray, text_offsets: np.ndarray, block_rows: int) -
     return np.split(order, starts[1:]) if len(order) else []
 
 
-def _plan(split: CacheSplit, *, in_memory: bool, batch_size: int, window: int,
-          block_chunks: int | None, image_cache_chunks: int) -> _SplitPlan:
-    text_index, image_index, target, text_offsets, image_offsets = _pair_tables(split)
+def split_blocks(split: CacheSplit, batch_size: int,
+                 block_chunks: int | None = None) -> tuple[list[np.ndarray], int]:
+    """The split's blocks (pair ids per block) and the text token rows per block. The feature
+    store shuffles by the same blocks, so both give the same batches for the same seed."""
+    text_index, _, _, text_offsets, _ = _pair_tables(split)
     base_rows = int(split.text.layers[0].chunks[0])
     if block_chunks is None:
         # Enough chunks that a block holds about a batch of pairs: smaller blocks shuffle better,
@@ -186,7 +189,13 @@ def _plan(split: CacheSplit, *, in_memory: bool, batch_size: int, window: int,
         pairs_per_chunk = max(1e-9, base_rows * split.num_pairs / n_tokens)
         block_chunks = max(1, math.ceil(batch_size / pairs_per_chunk))
     block_rows = base_rows * block_chunks
-    blocks = _blocks(text_index, text_offsets, block_rows)
+    return _blocks(text_index, text_offsets, block_rows), block_rows
+
+
+def _plan(split: CacheSplit, *, in_memory: bool, batch_size: int, window: int,
+          block_chunks: int | None, image_cache_chunks: int) -> _SplitPlan:
+    text_index, image_index, target, text_offsets, image_offsets = _pair_tables(split)
+    blocks, block_rows = split_blocks(split, batch_size, block_chunks)
 
     def sources(modality: str, arrays: ModalityArrays, offsets: np.ndarray) -> _ModalitySource:
         if in_memory:
@@ -236,6 +245,32 @@ def epoch_order(block_lists: list[list[np.ndarray]], num_pairs: list[int], *, sh
     if not pair_parts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(split_parts), np.concatenate(pair_parts)
+
+
+def grouped_order(image_index: list[np.ndarray], *, seed: int, epoch: int,
+                  pairs_per_image: int) -> tuple[np.ndarray, np.ndarray]:
+    """(split id, pair id) per position, pairs grouped by image (`--pairs-per-image K`).
+
+    Each image's pairs are shuffled and cut into groups of K (an image with fewer pairs, or the
+    rest of one, gives a smaller group); the groups of all images are shuffled and laid end to end,
+    so a batch of B pairs holds about B/K images with K pairs each. An image is (split, image id):
+    mixed caches do not share images. Fixed by (seed, epoch)."""
+    if pairs_per_image < 1:
+        raise ValueError(f"pairs_per_image must be >= 1, got {pairs_per_image}")
+    rng = np.random.default_rng([seed, epoch, 0x47525550])  # apart from epoch_order's stream
+    groups: list[tuple[int, np.ndarray]] = []
+    for k, images in enumerate(image_index):
+        order = np.argsort(images, kind="stable")  # pairs by image
+        starts = np.flatnonzero(np.r_[True, images[order][1:] != images[order][:-1]]) if len(order) else []
+        for pairs in np.split(order, starts[1:]) if len(order) else []:
+            pairs = rng.permutation(pairs)
+            groups += [(k, pairs[i:i + pairs_per_image]) for i in range(0, len(pairs), pairs_per_image)]
+    if not groups:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    perm = rng.permutation(len(groups))
+    split_ids = np.concatenate([np.full(len(groups[i][1]), groups[i][0], np.int64) for i in perm])
+    pair_ids = np.concatenate([groups[i][1] for i in perm]).astype(np.int64)
+    return split_ids, pair_ids
 
 
 # -- batch assembly -------------------------------------------------------------------------------
@@ -375,13 +410,15 @@ def make_loader(splits: list[CacheSplit], *, batch_size: int, shuffle: bool, see
                 epoch: int, in_memory: bool, num_workers: int, window: int = 4,
                 perturb: Callable[[FeatureBatch], FeatureBatch] | None = None,
                 pin_memory: bool | None = None, block_chunks: int | None = None,
-                image_cache_chunks: int = 16) -> FeatureLoader:
+                image_cache_chunks: int = 16, pairs_per_image: int = 0) -> FeatureLoader:
     """Batches over the concatenation of `splits` (several caches: `--cache A --cache B`).
 
     shuffle=False: pairs in order, split after split (evaluation). shuffle=True: block-shuffled
     order fixed by (seed, epoch). in_memory loads each array once (refused if it does not fit).
     num_workers background threads prefetch batches (0: built on demand in the caller).
     pin_memory None = pin when CUDA is available. `index` is the pair index within its split.
+    pairs_per_image K > 0 (shuffled epochs only): batches of pairs grouped by image
+    (`grouped_order`); 0 = the block-shuffled order.
     """
     if not splits:
         raise ValueError("make_loader needs at least one split")
@@ -397,8 +434,12 @@ def make_loader(splits: list[CacheSplit], *, batch_size: int, shuffle: bool, see
     plans = [_plan(s, in_memory=in_memory, batch_size=batch_size, window=window,
                    block_chunks=block_chunks, image_cache_chunks=image_cache_chunks)
              for s in splits]
-    order = epoch_order([p.blocks for p in plans], [s.num_pairs for s in splits],
-                        shuffle=shuffle, seed=seed, epoch=epoch, window=window)
+    if shuffle and pairs_per_image:
+        order = grouped_order([p.image_index for p in plans], seed=seed, epoch=epoch,
+                              pairs_per_image=pairs_per_image)
+    else:
+        order = epoch_order([p.blocks for p in plans], [s.num_pairs for s in splits],
+                            shuffle=shuffle, seed=seed, epoch=epoch, window=window)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return FeatureLoader(plans, order, batch_size=batch_size, num_workers=num_workers,

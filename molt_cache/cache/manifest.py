@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 import molt_cache
+from molt_cache.cache.errors import CacheError
 from molt_cache.cache.layout import FORMAT_VERSION, MANIFEST_ATTR, MANIFEST_FILE
 
 if TYPE_CHECKING:  # stage two reads manifests and must not import the encoders package
@@ -79,9 +80,39 @@ def compare_manifests(existing: dict[str, Any], wanted: dict[str, Any]) -> list[
     return diffs
 
 
-def read_manifest_file(root: Path) -> dict[str, Any] | None:
+class ManifestError(CacheError):
+    """manifest.json (or the root zarr.json) is not valid JSON / not a manifest; names the file."""
+
+
+def _load_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or a one-line ManifestError naming the file, line and problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {e.start}); the file is damaged") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                            "the file is damaged") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def load_manifest_file(root: Path) -> dict[str, Any] | None:
+    """manifest.json of a cache folder; None when absent; ManifestError naming it when malformed."""
     path = Path(root) / MANIFEST_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    data = _load_json_object(path)
+    missing = [k for k in ("format_version", "dataset", "splits", "text", "image") if k not in data]
+    if missing:
+        raise ManifestError(f"{path}: not a molt-cache manifest, it lacks {missing}")
+    return data
+
+
+read_manifest_file = load_manifest_file
 
 
 def read_manifest_attrs(root: Path) -> dict[str, Any] | None:
@@ -89,7 +120,7 @@ def read_manifest_attrs(root: Path) -> dict[str, Any] | None:
     path = Path(root) / "zarr.json"
     if not path.exists():
         return None
-    meta = json.loads(path.read_text())
+    meta = _load_json_object(path)
     return meta.get("attributes", {}).get(MANIFEST_ATTR)
 
 

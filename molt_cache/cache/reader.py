@@ -1,4 +1,4 @@
-"""Stage two's view of a feature cache (docs/cache-format.md, format version 1).
+"""Stage two's view of a feature cache (docs/cache-format.md, format version 2).
 
 `open_cache` validates everything a later read could trip over — a foreign folder, an unknown
 format version, an unfinished extraction, a truncated array — so that training fails before any
@@ -7,7 +7,6 @@ and tests; training goes through `loader.make_loader`, which reads whole chunks 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,12 @@ from typing import Any
 import numpy as np
 import zarr
 
-SUPPORTED_FORMAT_VERSIONS = (1,)
+from molt_cache.cache.errors import CacheCorruptError, CacheError
+from molt_cache.cache.integrity import has_checksums, missing_chunk_files, read_checked, repair_hint
+from molt_cache.cache.layout import FORMAT_VERSION
+from molt_cache.cache.manifest import ManifestError, load_manifest_file
+
+SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION,)
 MODALITIES = ("text", "image")
 TASKS = ("single-label", "multi-label")
 # Which manifest fields must agree for two caches to be mixed in one training run.
@@ -23,8 +27,7 @@ _ENCODER_FIELDS = ("kind", "name", "weights_sha256", "layer_indices", "layer_wid
                    "final_width", "pooled_width", "dtype", "final_is_last_layer")
 
 
-class CacheError(ValueError):
-    """A cache folder that stage two cannot use; the message names the path and the fix."""
+__all__ = ["CacheError", "CacheCorruptError", "CacheReader", "CacheSplit", "open_cache"]
 
 
 def to_float32(values: np.ndarray, stored_dtype: str) -> np.ndarray:
@@ -103,20 +106,20 @@ class CacheSplit:
         if not 0 <= i < self.num_pairs:
             raise IndexError(f"pair {i} out of range for split {self.name!r} of "
                              f"{self.reader.path} ({self.num_pairs} pairs)")
-        t = int(self.text_index[i])
-        m = int(self.image_index[i])
+        t = int(read_checked(self.text_index, i, i + 1)[0])
+        m = int(read_checked(self.image_index, i, i + 1)[0])
         text_layers, text_final, text_pooled = self._read(self.text, t)
         image_layers, image_final, image_pooled = self._read(self.image, m)
         return PairFeatures(text_layers, text_final, text_pooled, image_layers, image_final,
-                            image_pooled, np.asarray(self.target[i]), i)
+                            image_pooled, read_checked(self.target, i, i + 1)[0], i)
 
     @staticmethod
     def _read(arrays: ModalityArrays, row: int):
-        lo, hi = (int(v) for v in arrays.offsets[row:row + 2])
+        lo, hi = (int(v) for v in read_checked(arrays.offsets, row, row + 2))
         widen = lambda a: to_float32(np.asarray(a), arrays.stored_dtype)  # noqa: E731
-        layers = [widen(a[lo:hi]) for a in arrays.layers]
-        final = layers[-1] if arrays.final is arrays.layers[-1] else widen(arrays.final[lo:hi])
-        return layers, final, widen(arrays.pooled[row])
+        layers = [widen(read_checked(a, lo, hi)) for a in arrays.layers]
+        final = layers[-1] if arrays.final is arrays.layers[-1] else widen(read_checked(arrays.final, lo, hi))
+        return layers, final, widen(read_checked(arrays.pooled, row, row + 1)[0])
 
 
 class CacheReader:
@@ -175,12 +178,19 @@ def open_cache(path: str | Path) -> CacheReader:
         raise CacheError(f"{path} is a zarr group but not a molt-cache cache: "
                          "attrs['molt_cache'] (the manifest) is missing")
     version = manifest.get("format_version")
+    if version == 1:
+        raise CacheError(f"{path} is a format 1 cache: it has no checksums and may hold chunks that "
+                         "read as silent zeros; re-extract it with this molt-cache (`molt extract` "
+                         "into a new --out-dir) to get format 2")
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise CacheError(f"{path} has cache format_version {version!r}; this molt-cache reads "
                          f"format versions {list(SUPPORTED_FORMAT_VERSIONS)}")
     if not manifest.get("complete", False) or not (path / "manifest.json").is_file():
         raise CacheError(unfinished)
-    on_disk = json.loads((path / "manifest.json").read_text())
+    try:
+        on_disk = load_manifest_file(path)
+    except ManifestError as e:
+        raise CacheError(f"{e}; {repair_hint(path)}") from None
     if on_disk != manifest:
         raise CacheError(f"{path / 'manifest.json'} differs from the group's attrs['molt_cache'];"
                          " the cache was modified after extraction — re-extract it")
@@ -208,7 +218,15 @@ def _check_manifest(path: Path, m: dict) -> None:
                              f"{len(ident['layer_indices'])} layer_indices")
 
 
-def _check_split(path: Path, root: zarr.Group, m: dict, split: str) -> None:
+def expected_arrays(m: dict) -> dict[str, tuple[int, ...]]:
+    """Every array the manifest says a cache holds ("train/text/layer_0", ...) and its shape."""
+    out: dict[str, tuple[int, ...]] = {}
+    for split in m["splits"]:
+        out.update({f"{split}/{k}": v for k, v in _split_arrays(m, split).items()})
+    return out
+
+
+def _split_arrays(m: dict, split: str) -> dict[str, tuple[int, ...]]:
     counts = m["splits"][split]
     n_labels = len(m["dataset"]["labels"])
     expected: dict[str, tuple[int, ...]] = {
@@ -228,7 +246,14 @@ def _check_split(path: Path, root: zarr.Group, m: dict, split: str) -> None:
         if not ident["final_is_last_layer"]:
             expected[f"{modality}/final"] = (n_tokens, ident["final_width"])
         expected[f"{modality}/pooled"] = (n_rows, ident["pooled_width"])
-    for name, shape in expected.items():
+    return expected
+
+
+def _check_split(path: Path, root: zarr.Group, m: dict, split: str) -> None:
+    """Shapes from the manifest; every chunk file present (cheap: a stat per file; an absent
+    file would read as zeros); crc32c in every array's codecs; offsets span the tokens."""
+    counts = m["splits"][split]
+    for name, shape in _split_arrays(m, split).items():
         full = f"{split}/{name}"
         try:
             arr = root[full]
@@ -238,9 +263,18 @@ def _check_split(path: Path, root: zarr.Group, m: dict, split: str) -> None:
         if tuple(arr.shape) != tuple(int(s) for s in shape):
             raise CacheError(f"{path}: array {full} has shape {tuple(arr.shape)}, the manifest "
                              f"counts say {tuple(shape)} (truncated cache; re-extract)")
+        if not has_checksums(arr):
+            raise CacheError(f"{path}: array {full} carries no crc32c checksums, which format "
+                             f"{FORMAT_VERSION} requires; re-extract the cache")
+        missing = missing_chunk_files(arr)
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise CacheCorruptError(f"{path}: array {full} lacks chunk file {missing[0]}{more} "
+                                    f"(it would read as zeros); {repair_hint(path)}")
     for modality, n_tokens in (("text", counts["text_tokens"]), ("image", counts["image_tokens"])):
         offsets = root[f"{split}/{modality}/offsets"]
-        first, last = int(offsets[0]), int(offsets[-1])
+        first = int(read_checked(offsets, 0, 1)[0])
+        last = int(read_checked(offsets, offsets.shape[0] - 1, offsets.shape[0])[0])
         if first != 0 or last != n_tokens:
             raise CacheError(f"{path}: array {split}/{modality}/offsets runs {first}..{last}, "
                              f"expected 0..{n_tokens} (truncated cache; re-extract)")

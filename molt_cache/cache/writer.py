@@ -19,8 +19,11 @@ import torch
 import zarr
 import zarr.codecs
 
-from molt_cache.cache.layout import (BF16_ATTR, CREATED_MARKER, MANIFEST_ATTR, PROGRESS_DIR,
-                                     LayoutOptions, item_chunk_rows, shard_rows, unit_record_path)
+from molt_cache.cache.integrity import (array_files, hash_files, shard_files_for_rows,
+                                        write_json_record)
+from molt_cache.cache.layout import (BF16_ATTR, CREATED_MARKER, MANIFEST_ATTR, POOLED_RECORD,
+                                     PROGRESS_DIR, LayoutOptions, item_chunk_rows, shard_rows,
+                                     unit_record_path)
 
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
@@ -28,6 +31,22 @@ STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.u
 def compressor(level: int = 3) -> zarr.codecs.ZstdCodec:
     """Lossless; zstd level 3 is fast enough to keep up with the encoders."""
     return zarr.codecs.ZstdCodec(level=level)
+
+
+def bytes_codecs(level: int = 3) -> list:
+    """Inner chunk chain after the bytes codec: zstd, then a crc32c of the compressed bytes, so
+    any flipped or truncated byte fails on read (format 2; the shard index carries its own crc32c,
+    zarr's default index_codecs)."""
+    return [compressor(level), zarr.codecs.Crc32cCodec()]
+
+
+# Every chunk is stored, even one equal to the fill value: an absent chunk must mean damage,
+# never "zeros" (zarr's default drops such chunks and reads their absence as the fill value).
+WRITE_CONFIG = {"write_empty_chunks": True}
+
+
+def writable(arr: zarr.Array) -> zarr.Array:
+    return arr.with_config(WRITE_CONFIG)
 
 
 def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
@@ -106,48 +125,68 @@ class SplitPlan:
 def _create(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any, chunk: int,
             shard: int | None, attrs: dict | None = None) -> zarr.Array:
     chunks = (chunk,) + tuple(shape[1:])
-    return group.create_array(
+    return writable(group.create_array(
         name, shape=shape, dtype=dtype, chunks=chunks,
         shards=None if shard is None else (shard,) + tuple(shape[1:]),
-        compressors=compressor() if shard is not None else "auto",
-        fill_value=0 if shard is not None else None, attributes=attrs or {}, overwrite=True)
+        compressors=bytes_codecs(), fill_value=0 if shard is not None else None,
+        attributes=attrs or {}, overwrite=True, config=WRITE_CONFIG))
 
 
-def create_cache(root: Path, plans: list[SplitPlan], manifest: dict, opts: LayoutOptions) -> None:
+def create_cache(root: Path, plans: list[SplitPlan], manifest: dict, opts: LayoutOptions,
+                 only: set[str] | None = None) -> None:
     """Rank 0, once: root attrs (the manifest, complete=false) in one call first, so any partial
     folder is recognisable; then every array, writing those known up front (offsets, pairs,
-    image keys); then the `_progress/created` marker other ranks wait for."""
+    image keys); then the `_progress/created` record other ranks wait for: the sha256 of every
+    file written here (zarr.json of every array, chunks of the arrays filled here).
+
+    `only` (repair): recreate just these arrays ("train/pairs/target", ...), same bytes as before."""
     root = Path(root)
     group = zarr.open_group(root, mode="a")
     group.attrs.put({MANIFEST_ATTR: manifest})
+    written: list[str] = []
+
+    def create(g: zarr.Group, name: str, shape, dtype, chunk, shard, attrs=None, values=None) -> None:
+        full = f"{g.path}/{name}"
+        if only is not None and full not in only:
+            written.extend(array_files(g[name]) if values is not None else [f"{full}/zarr.json"])
+            return
+        arr = _create(g, name, shape, dtype, chunk, shard, attrs)
+        if values is not None:
+            arr[:] = values
+            written.extend(array_files(arr))
+        else:
+            written.append(f"{full}/zarr.json")  # chunks: the units' records (token) or pooled.json
+
     for p in plans:
         g = group.require_group(p.split)
         n = len(p.sample_ids)
         rows = item_chunk_rows(8, 8, n, opts)
-        _create(g, "pairs/text_index", (n,), "int64", rows, shard_rows(rows, n, opts))[:] = p.text_index
-        _create(g, "pairs/image_index", (n,), "int64", rows, shard_rows(rows, n, opts))[:] = p.image_index
+        create(g, "pairs/text_index", (n,), "int64", rows, shard_rows(rows, n, opts), values=p.text_index)
+        create(g, "pairs/image_index", (n,), "int64", rows, shard_rows(rows, n, opts), values=p.image_index)
         tw = p.targets.shape[1] if p.targets.ndim == 2 else 1
         trows = item_chunk_rows(tw, p.targets.itemsize, n, opts)
-        _create(g, "pairs/target", p.targets.shape, p.targets.dtype, trows,
-                shard_rows(trows, n, opts))[:] = p.targets
-        _create(g, "pairs/sample_id", (n,), str, min(n, 1 << 16), None)[:] = np.array(p.sample_ids, dtype=object)
+        create(g, "pairs/target", p.targets.shape, p.targets.dtype, trows, shard_rows(trows, n, opts),
+               values=p.targets)
+        create(g, "pairs/sample_id", (n,), str, min(n, 1 << 16), None,
+               values=np.array(p.sample_ids, dtype=object))
         n_img = len(p.image_keys)
-        _create(g, "image/image_key", (n_img,), str, min(n_img, 1 << 16), None)[:] = np.array(p.image_keys, dtype=object)
+        create(g, "image/image_key", (n_img,), str, min(n_img, 1 << 16), None,
+               values=np.array(p.image_keys, dtype=object))
         for m in (p.text, p.image):
             store_dtype = STORAGE_DTYPES[m.dtype]
             attrs = {BF16_ATTR: "bfloat16"} if m.dtype == "bfloat16" else {}
             orows = item_chunk_rows(8, 8, m.n_items + 1, opts)
-            _create(g, f"{m.modality}/offsets", (m.n_items + 1,), "int64", orows,
-                    shard_rows(orows, m.n_items + 1, opts))[:] = m.offsets
+            create(g, f"{m.modality}/offsets", (m.n_items + 1,), "int64", orows,
+                   shard_rows(orows, m.n_items + 1, opts), values=m.offsets)
             for name, width in m.token_widths.items():
-                _create(g, f"{m.modality}/{name}", (m.n_tokens, width), store_dtype, m.chunk_rows,
-                        m.shard_rows, attrs)
+                create(g, f"{m.modality}/{name}", (m.n_tokens, width), store_dtype, m.chunk_rows,
+                       m.shard_rows, attrs)
             prows = item_chunk_rows(m.pooled_width, np.dtype(store_dtype).itemsize, m.n_items, opts)
-            _create(g, f"{m.modality}/pooled", (m.n_items, m.pooled_width), store_dtype, prows,
-                    shard_rows(prows, m.n_items, opts), attrs)
-    marker = root / PROGRESS_DIR / CREATED_MARKER
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("arrays created\n")
+            create(g, f"{m.modality}/pooled", (m.n_items, m.pooled_width), store_dtype, prows,
+                   shard_rows(prows, m.n_items, opts), attrs)
+    if only is not None:
+        written = [w for w in written if (root / w).is_file()]
+    write_json_record(root / PROGRESS_DIR / CREATED_MARKER, hash_files(root, written))
 
 
 @dataclass
@@ -172,14 +211,19 @@ def write_unit(root: Path, r: UnitResult) -> int:
     group = zarr.open_group(root, mode="r+")
     a, b = r.rows
     nbytes = 0
+    files: list[str] = []
     for name, rows in r.token_arrays.items():
-        group[f"{r.split}/{r.modality}/{name}"][a:b] = rows
+        arr = writable(group[f"{r.split}/{r.modality}/{name}"])
+        arr[a:b] = rows
         nbytes += rows.nbytes
+        files += shard_files_for_rows(arr, a, b)
+    hashes = hash_files(root, files)  # the record vouches for exactly these bytes (resume checks them)
     path = unit_record_path(root, r.split, r.modality, r.unit)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, first_item=np.int64(r.first_item), pooled=r.pooled,
-             real_tokens=np.int64(r.real_tokens), padded_tokens=np.int64(r.padded_tokens))
+             real_tokens=np.int64(r.real_tokens), padded_tokens=np.int64(r.padded_tokens),
+             files=np.array(list(hashes), dtype=str), sha256=np.array(list(hashes.values()), dtype=str))
     os.replace(tmp, path)
     return nbytes + r.pooled.nbytes
 
@@ -190,7 +234,7 @@ def write_pooled(root: Path, plan: SplitPlan) -> None:
     writer, and deterministic, so re-running it after a crash rewrites the same bytes."""
     group = zarr.open_group(root, mode="r+")
     for m in (plan.text, plan.image):
-        arr = group[f"{plan.split}/{m.modality}/pooled"]
+        arr = writable(group[f"{plan.split}/{m.modality}/pooled"])
         full = np.zeros(arr.shape, dtype=arr.dtype)
         filled = np.zeros(m.n_items, dtype=bool)
         for unit in range(m.n_units):
@@ -204,6 +248,14 @@ def write_pooled(root: Path, plan: SplitPlan) -> None:
             raise RuntimeError(f"{plan.split}/{m.modality}: no pooled rows recorded for items "
                                f"{missing}...; the unit records are inconsistent")
         arr[:] = full
+
+
+def write_pooled_record(root: Path, plans: list[SplitPlan]) -> None:
+    """After every split's pooled arrays are written: their files' sha256 (checked on rerun)."""
+    group = zarr.open_group(root, mode="r")
+    files = [f for p in plans for m in ("text", "image")
+             for f in array_files(group[f"{p.split}/{m}/pooled"], with_metadata=False)]
+    write_json_record(Path(root) / PROGRESS_DIR / POOLED_RECORD, hash_files(root, files))
 
 
 class BackgroundWriter:

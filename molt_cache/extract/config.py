@@ -5,10 +5,11 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from molt_cache.cache.layout import LayoutOptions
 from molt_cache.cache.writer import STORAGE_DTYPES
+from molt_cache.validate import COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, Range, check_numbers
 
 
 @dataclass
@@ -45,8 +46,18 @@ class ExtractConfig:
     token_chunk_rows: int | None = None  # layout override (tests)
     item_chunk_rows: int | None = None  # layout override (tests)
 
+    NUMERIC: ClassVar[dict[str, Range]] = {
+        "limit": Range(lo=1, integer=True, optional=True), "layers": COUNT, "batch_tokens": COUNT,
+        "image_batch_size": COUNT, "num_workers": NON_NEGATIVE_INT, "noise": NON_NEGATIVE,
+        "seed": NON_NEGATIVE_INT, "rank": Range(lo=0, integer=True, optional=True),
+        "world_size": Range(lo=1, integer=True, optional=True),
+        "rank_wait_s": Range(lo=0, optional=True), "chunk_bytes": COUNT, "shard_chunks": COUNT,
+        "token_chunk_rows": Range(lo=1, integer=True, optional=True),
+        "item_chunk_rows": Range(lo=1, integer=True, optional=True)}
+
     def validate(self) -> None:
         """Bad option combinations fail before any work, naming the fix."""
+        check_numbers(self)
         if self.dtype not in ("auto", *STORAGE_DTYPES):
             raise ValueError(f"unknown dtype {self.dtype!r}; valid: ['auto', {', '.join(map(repr, STORAGE_DTYPES))}]")
         if self.on_bad not in ("error", "skip"):

@@ -8,7 +8,7 @@ from typing import Callable
 
 from molt_cache.cache.layout import MANIFEST_ATTR, MANIFEST_FILE, unit_record_path
 from molt_cache.cache.manifest import write_manifest_file
-from molt_cache.cache.writer import SplitPlan, write_pooled
+from molt_cache.cache.writer import SplitPlan, write_pooled, write_pooled_record
 from molt_cache.extract.config import ExtractResult
 
 
@@ -37,6 +37,7 @@ def finish_cache(out: Path, plans: list[SplitPlan], manifest: dict, rank_wait_s:
         return False
     for p in plans:
         write_pooled(out, p)
+    write_pooled_record(out, plans)
     final = dict(manifest, complete=True)
     import zarr
     zarr.open_group(out, mode="r+").attrs.put({MANIFEST_ATTR: final})

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from molt_cache.cache.layout import CREATED_MARKER, PROGRESS_DIR, unit_record_path
 from molt_cache.cache.manifest import CacheMismatchError, compare_manifests, read_manifest_attrs
+from molt_cache.cache.lock import job_id, writer_lock
+from molt_cache.cache.repair import repair_damage
 from molt_cache.cache.writer import BackgroundWriter, create_cache
 from molt_cache.datasets.base import DatasetReader
 from molt_cache.encoders.base import ImageEncoder, TextEncoder
@@ -26,13 +28,24 @@ def _quiet(*_args) -> None:
     return None
 
 
-def extract(cfg: ExtractConfig, *, progress: Callable[[int, int], None] | None = None,
-            on_log: Callable[[str], None] | None = None,
-            on_phase: Callable[[str, int], None] | None = None,
-            on_items: Callable[[str, int], None] | None = None,
-            reader: DatasetReader | None = None, text_encoder: TextEncoder | None = None,
-            image_encoder: ImageEncoder | None = None,
-            unit_hook: Callable[[str, str, int], None] | None = None) -> ExtractResult:
+def extract(cfg: ExtractConfig, **kwargs: Any) -> ExtractResult:
+    """Extract (or resume, or reuse, or repair) the cache `cfg.out_dir`, holding its writer lock
+    (molt_cache/cache/lock.py: one job per folder; a second job is refused naming the first).
+    Keyword arguments: those of `_extract_locked`."""
+    cfg.validate()
+    world = _resolve_rank(cfg)[1]
+    options = {k: getattr(cfg, k) for k in ("dataset", "text", "image", "noise", "noise_on", "empty", "seed", "limit")}
+    with writer_lock(cfg.out_dir, job=job_id(world), options=options):
+        return _extract_locked(cfg, **kwargs)
+
+
+def _extract_locked(cfg: ExtractConfig, *, progress: Callable[[int, int], None] | None = None,
+                    on_log: Callable[[str], None] | None = None,
+                    on_phase: Callable[[str, int], None] | None = None,
+                    on_items: Callable[[str, int], None] | None = None,
+                    reader: DatasetReader | None = None, text_encoder: TextEncoder | None = None,
+                    image_encoder: ImageEncoder | None = None,
+                    unit_hook: Callable[[str, str, int], None] | None = None) -> ExtractResult:
     """Extract (or resume, or reuse) the cache `cfg.out_dir`.
 
     Callbacks (all optional; the library prints nothing itself):
@@ -66,7 +79,9 @@ def extract(cfg: ExtractConfig, *, progress: Callable[[int, int], None] | None =
     for line in truncation_lines(plan.text_lengths):
         log(f"truncated: {line}")
 
-    state = _check_out_dir(out, manifest)
+    state = _check_out_dir(out, manifest, log)
+    if state != "new" and repair_damage(out, plans, manifest, cfg.layout(), rank, world, log):
+        state = "resume"  # records that no longer match their files were dropped: redo those units
     result = ExtractResult(out_dir=out, complete=False, reused=False, bytes_planned=plan.bytes_planned,
                            text_lengths=plan.text_lengths)
     if state == "complete":

@@ -15,8 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from molt_cache.cache.layout import BAD_IMAGES_FILE, shard_rows, token_array_names, token_chunk_rows
-from molt_cache.cache.manifest import (CacheMismatchError, build_manifest, compare_manifests,
+from molt_cache.cache.layout import BAD_IMAGES_FILE, PROGRESS_DIR, shard_rows, token_array_names, token_chunk_rows
+from molt_cache.cache.manifest import (CacheMismatchError, ManifestError, build_manifest, compare_manifests,
                                        dataset_fingerprint, read_manifest_attrs, read_manifest_file)
 from molt_cache.cache.writer import STORAGE_DTYPES, ModalityPlan, SplitPlan
 from molt_cache.datasets.base import DatasetError, DatasetReader, ImageRef
@@ -168,9 +168,13 @@ def _modality_plan(modality: str, lengths: np.ndarray, enc, cfg: ExtractConfig, 
                         shard_rows=shard_rows(chunk, n_tokens, cfg.layout()))
 
 
-def _check_out_dir(out: Path, wanted: dict) -> str:
+def _check_out_dir(out: Path, wanted: dict, log: Callable[[str], None] = lambda line: None) -> str:
     """'new' | 'resume' | 'complete'; refuses any other content, listing differing fields."""
-    done = read_manifest_file(out)
+    try:
+        done = read_manifest_file(out)
+    except ManifestError as e:  # the arrays and records decide; the finish rewrites manifest.json
+        log(f"{e}; resuming, it is rewritten at the end")
+        done = None
     if done is not None:
         diffs = compare_manifests(done, wanted)
         if diffs:
@@ -185,7 +189,7 @@ def _check_out_dir(out: Path, wanted: dict) -> str:
                                      + "\n  ".join(diffs) + "\nchoose another --out-dir, or delete it")
         return "resume"
     if out.exists():
-        other = sorted(p.name for p in out.iterdir() if p.name not in (BAD_IMAGES_FILE,))
+        other = sorted(p.name for p in out.iterdir() if p.name not in (BAD_IMAGES_FILE, PROGRESS_DIR))
         if other:
             raise CacheMismatchError(f"{out} is not empty and holds no molt cache ({other[:5]}); "
                                      "choose an empty or new folder")

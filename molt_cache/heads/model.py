@@ -110,6 +110,8 @@ class MoltHeads(nn.Module):
     """MoLT per selected layer -> pooled common states (CCA input) -> FBP -> M-weighted mean
     H_r -> fusion with E_i, E_t -> classifier. Ablations per `cfg.ablate` (paper Table 2)."""
 
+    image_once = True  # takes deduplicated batches (FeatureBatch.image_rows): image work per image
+
     def __init__(self, cfg: HeadsConfig, dims: FeatureDims):
         super().__init__()
         self.cfg = cfg
@@ -148,10 +150,14 @@ class MoltHeads(nn.Module):
 
     def _layer_states(self, layer: MoltLayer, image: torch.Tensor, text: torch.Tensor,
                       batch: FeatureBatch, translate: bool) -> LayerStates:
-        image_proj, text_proj = layer.project(image, text)  # (B, Ti, d_c), (B, Tt, d_c)
+        # (B or U, Ti, d_c), (B, Tt, d_c): I'_l once per distinct image when image_rows is set
+        image_proj, text_proj = layer.project(image, text)
         image_mask, text_mask = batch.image_mask.bool(), batch.text_mask.bool()
         if not translate:
-            return layer.interact(image_proj, image_mask, text_proj, text_mask)
+            return layer.interact(image_proj, image_mask, text_proj, text_mask, batch.image_rows)
+        if batch.image_rows is not None:  # the substitutions below are per pair
+            image_proj = image_proj.index_select(0, batch.image_rows)
+            image_mask = image_mask.index_select(0, batch.image_rows)
         # 'translate': the absent modality's projected tokens are replaced by the present one's
         # (so no cross-attention reads the absent features), then its pooled states by the
         # present modality's.
@@ -207,7 +213,8 @@ class MoltHeads(nn.Module):
         else:
             present = _present_flags(batch) if translate else (None, None)
             fused = self.fusion(robust, batch.image_final, batch.image_mask.bool(),
-                                batch.text_final, batch.text_mask.bool(), *present)
+                                batch.text_final, batch.text_mask.bool(), *present,
+                                image_rows=batch.image_rows)
         return HeadsOutput(
             logits=self.classifier(fused),
             cca_loss=cca_loss,
@@ -219,6 +226,8 @@ class MoltHeads(nn.Module):
 class BaselineHeads(nn.Module):
     """Paper Table 3's baseline: the same fusion and classifier, a learned query vector in
     place of H_r; no MoLT, no CCA."""
+
+    image_once = True  # the fusion projects E_i once per distinct image
 
     def __init__(self, cfg: HeadsConfig, dims: FeatureDims):
         super().__init__()
@@ -233,7 +242,8 @@ class BaselineHeads(nn.Module):
         present = _present_flags(batch) if missing_strategy == "translate" else (None, None)
         query = self.query.expand(batch.size, -1)  # (B, d_c)
         fused = self.fusion(query, batch.image_final, batch.image_mask.bool(),
-                            batch.text_final, batch.text_mask.bool(), *present)
+                            batch.text_final, batch.text_mask.bool(), *present,
+                            image_rows=batch.image_rows)
         return HeadsOutput(logits=self.classifier(fused), cca_loss=None, common=[], robust=None)
 
 

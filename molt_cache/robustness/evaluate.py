@@ -11,13 +11,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 from molt_cache.cache.loader import make_loader
 from molt_cache.cache.reader import open_cache
 from molt_cache.finite import scan_split
-from molt_cache.robustness.perturb import MissingTable, make_perturb
+from molt_cache.perturb import MissingTable, make_perturb
 from molt_cache.train import check_run_matches_cache, evaluate, load_run, resolve_device
+from molt_cache.validate import COUNT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, Range, check_numbers
 
 LEVELS = ("feature", "input")
 STRATEGIES = ("zero", "empty", "translate")
@@ -42,7 +43,11 @@ class RobustnessConfig:
     cache: str = ""  # override the cache the runs were trained on
     in_memory: bool = False  # load each evaluated split once per run, not once per condition (needs the RAM)
 
+    NUMERIC: ClassVar[dict[str, Range]] = {"noise": NON_NEGATIVE, "missing_rate": FRACTION,
+                                           "seed": NON_NEGATIVE_INT, "batch_size": COUNT}
+
     def validate(self) -> None:
+        check_numbers(self)
         for lvl in self.levels:
             if lvl not in LEVELS:
                 raise ValueError(f"unknown level {lvl!r}; valid: {LEVELS}")
