@@ -30,6 +30,7 @@ def check(
     report_dir: Annotated[Optional[str], typer.Option(help="Folder to write the skipped rows into (REPORT_DIR/bad_rows.json); created if missing.")] = None,
     bad_report: Annotated[Optional[str], typer.Option(help="Or the exact JSON file to write them to.")] = None,
     decode_images: Annotated[bool, typer.Option(help="Decode every image too (finds corrupt JPEGs; slow).")] = False,
+    option: Annotated[Optional[list[str]], typer.Option("--option", help="Reader option KEY=VALUE, repeatable (e.g. openclipart min_items=40, exclude=unsorted,special, seed=0).")] = None,
 ):
     """Stream a release once: pairs, unique texts and images, label histogram per split; bad rows.
 
@@ -39,7 +40,7 @@ def check(
     """
     from pathlib import Path
 
-    from molt_cache.datasets.check import check_dataset
+    from molt_cache.datasets.check import check_dataset, parse_options, text_length_quantiles
 
     with user_errors():
         if report_dir and bad_report:
@@ -48,7 +49,7 @@ def check(
         if report is not None:
             report.parent.mkdir(parents=True, exist_ok=True)
         counts, reader = check_dataset(dataset, root, on_bad=on_bad, report_path=str(report) if report else None,
-                                       decode_images=decode_images)
+                                       decode_images=decode_images, **parse_options(option))
     table = Table(title=f"{dataset}: {reader.task}, {len(reader.labels)} labels")
     for col in ("split", "pairs", "unique texts", "unique images"):
         table.add_column(col, justify="right")
@@ -62,6 +63,13 @@ def check(
     for name in reader.labels:
         labels.add_row(name, *(str(c.labels.get(name, 0)) for c in counts.values()))
     console.print(labels)
+    quantiles = text_length_quantiles(counts)
+    if quantiles:
+        console.print("text length (words), quantiles over all pairs: "
+                      + "  ".join(f"q{round(100 * q)}={v:g}" for q, v in quantiles.items()))
+    removed = getattr(reader, "removed", None)
+    if removed:
+        console.print("removed from the texts: " + ", ".join(f"{k} {v}" for k, v in removed.items()))
     for note in getattr(reader, "notes", []) or []:
         console.print(f"[yellow]note:[/] {note}")
     rows = reader.report.rows

@@ -11,7 +11,7 @@ from molt_cache.extract import ExtractConfig
 
 
 def extract(
-    dataset: Annotated[str, typer.Option(help="snli-ve | food101 | mmimdb | mmimdb-hdf5 | manifest | sample")] = "sample",
+    dataset: Annotated[str, typer.Option(help="snli-ve | food101 | mmimdb | mmimdb-hdf5 | manifest | openclipart | sample")] = "sample",
     root: Annotated[Optional[str], typer.Option(help="The release's folder on disk (not needed for `sample`).")] = None,
     image_dir: Annotated[Optional[str], typer.Option(help="snli-ve: the Flickr30k image folder, if not under ROOT.")] = None,
     split: Annotated[Optional[list[str]], typer.Option("--split", help="Split(s) to extract (default: all).")] = None,
@@ -34,12 +34,13 @@ def extract(
     empty: Annotated[Optional[str], typer.Option(help="text (every text empty) | image (a blank image)")] = None,
     seed: Annotated[int, typer.Option(help="Seeds input-level noise.")] = 0,
     devices: Annotated[Optional[str], typer.Option(help="Launch one rank per entry under torchrun --standalone with these arguments: 0,1 (a GPU each), 0,0 (ranks sharing GPU 0), cpu,cpu.")] = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", help="Reader option KEY=VALUE, repeatable (e.g. openclipart min_items=40); recorded in the manifest.")] = None,
 ):
     """Run the frozen encoders once and write last-layer states to a sharded Zarr cache.
 
     Rerun the same command to resume; under torchrun each rank takes its share of the work units.
 
-    Example: molt extract --dataset sample --out-dir molt-out/demo/shipped/cache   (the bundled sample, into the folder `molt demo` uses, so it is reused)
+    Example: molt extract --dataset openclipart-sample --out-dir molt-out/demo/openclipart-sample/shipped/cache   (the bundled sample, into the folder `molt demo` uses, so it is reused)
 
     Example: molt extract --dataset snli-ve --root /data/snli-ve --text hf:/models/llama-7b --image open_clip:ViT-L-14 --image-weights /models/vit-l-14.bin   (a release on disk)
     """
@@ -53,10 +54,12 @@ def extract(
             code = run_ranks(devices, "extract", options)
         raise typer.Exit(code)
     from cli.progress import ExtractBars
+    from molt_cache.datasets.check import parse_options
     from molt_cache.extract import extract as run
 
     with user_errors():
-        cfg = ExtractConfig(dataset=dataset, root=root, dataset_options={"image_dir": image_dir} if image_dir else {},
+        options = {**({"image_dir": image_dir} if image_dir else {}), **parse_options(option)}
+        cfg = ExtractConfig(dataset=dataset, root=root, dataset_options=options,
                             splits=split or None, limit=limit, text=text, image=image, image_weights=image_weights, layers=layers, max_length=max_length,
                             dtype=dtype, device=device, out_dir=out_dir, batch_tokens=batch_tokens,
                             image_batch_size=image_batch_size, num_workers=num_workers, on_bad=on_bad, force=force,

@@ -51,11 +51,11 @@ def predict(
 ):
     """Classify new image–text pairs with a trained run; either modality may be absent per input.
 
-    Example: molt predict --run molt-out/demo/shipped/runs/molt --image data/sample/images/img_000.jpg --text "a photo of a cat"   (the MoLT run `molt demo` trained)
+    Example: molt predict --run molt-out/demo/openclipart-sample/shipped/runs/molt --image data/openclipart_sample/images/animals__bat_orlando_karam_.png --text "bat. mammal"   (the MoLT run `molt demo` trained)
 
-    Example: molt predict --run molt-out/demo/shipped/runs/molt --text "a puppy next to something blue"   (text only)
+    Example: molt predict --run molt-out/demo/openclipart-sample/shipped/runs/molt --text "a red car on a road"   (text only)
 
-    Example: molt predict --run molt-out/demo/shipped/runs/molt --input data/sample/manifest.jsonl --out preds.jsonl   (a file of pairs, JSON lines out)
+    Example: molt predict --run molt-out/demo/openclipart-sample/shipped/runs/molt --input data/openclipart_sample/manifest.jsonl --out preds.jsonl   (a file of pairs, JSON lines out)
     """
     from molt_cache.predict import Classifier, PredictInput, read_inputs
 

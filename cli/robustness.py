@@ -10,7 +10,7 @@ from molt_cache.robustness.evaluate import RobustnessConfig
 
 
 def robustness(
-    run: Annotated[list[str], typer.Option("--run", help="Run folder from `molt train-heads`; repeat to compare (MoLT vs baseline).")],
+    run: Annotated[list[str], typer.Option("--run", help="Run folder from `molt train-heads`; repeat to compare (MoLT vs baseline; text-only / image-only runs add the unimodal ceilings).")],
     noise: Annotated[str, typer.Option(help="Gaussian noise levels p, comma-separated (0.05 = 5% of each sample's std).")] = "0.01,0.05,0.1,0.2",
     missing: Annotated[str, typer.Option(help="Absent modalities to test: text,image | text | image | none.")] = "text,image",
     level: Annotated[str, typer.Option(help="feature (on the cache) | input (pixels / token embeddings, fresh extraction) | feature,input")] = "feature",
@@ -26,11 +26,11 @@ def robustness(
 ):
     """Evaluate trained heads with a modality absent or noised, like the paper's Table 3.
 
-    Example: molt robustness --run molt-out/demo/shipped/runs/molt --run molt-out/demo/shipped/runs/baseline --noise 0.01,0.05,0.1,0.2 --level feature,input --report-dir reports/robustness   (the runs `molt demo` trained)
+    Example: molt robustness --run molt-out/demo/openclipart-sample/shipped/runs/molt --run molt-out/demo/openclipart-sample/shipped/runs/baseline --noise 0.01,0.05,0.1,0.2 --level feature,input --report-dir reports/robustness   (the runs `molt demo` trained)
     """
     from cli.progress import ExtractBars
     from molt_cache.robustness.evaluate import run_robustness
-    from molt_cache.robustness.report import robustness_table, write_report
+    from molt_cache.robustness.report import ceiling_table, robustness_table, write_report
 
     with user_errors():
         cfg = RobustnessConfig(
@@ -44,6 +44,9 @@ def robustness(
             rows = run_robustness(cfg, log=console.print, extract_callbacks=bars.callbacks())
         paths = write_report(rows, cfg.report_dir, dataclasses.asdict(cfg))
     console.print(robustness_table(rows, title=f"Robustness on {split} (seed {seed})"))
+    ceilings = ceiling_table(rows)
+    if ceilings is not None:  # text-only / image-only runs given: the fused models' drop against them
+        console.print(ceilings)
     console.print(f"report folder: {paths['json'].parent}", markup=False, highlight=False)
     for path in paths.values():
         console.print(f"  wrote {path}", markup=False, highlight=False)

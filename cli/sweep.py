@@ -12,7 +12,7 @@ from molt_cache.sweep import SweepConfig
 
 def sweep(
     cache: Annotated[list[str], typer.Option("--cache", help="Cache folder(s) from `molt extract`.")],
-    variants: Annotated[str, typer.Option(help="molt,baseline,ablate:cca,ablate:cross-attn,ablate:M,ablate:fusion,ablate:fbp,reg:bridge,...")] = "molt,baseline",
+    variants: Annotated[str, typer.Option(help="molt,baseline,text-only,image-only,ablate:cca,ablate:cross-attn,ablate:M,ablate:fusion,ablate:fbp,reg:bridge,...")] = "molt,baseline",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
     out_dir: Annotated[str, typer.Option(help="Sweep folder; rerun the same command to resume.")] = "runs/sweep",
     noise: Annotated[str, typer.Option(help="Feature-level noise levels to evaluate, e.g. 0.05,0.1.")] = "",
@@ -24,14 +24,16 @@ def sweep(
     d_common: Annotated[int, typer.Option()] = 1024,
     patience: Annotated[int, typer.Option()] = 5,
     device: Annotated[str, typer.Option()] = "auto",
+    missing_rate: Annotated[float, typer.Option(help="Train every run with this fraction of pairs missing a modality.")] = 0.0,
+    missing_type: Annotated[str, typer.Option(help="both | text | image (with --missing-rate)")] = "both",
 ):
     """Train every variant × seed from one cache; table of mean ± std, clean and under perturbations.
 
-    Example: molt sweep --cache molt-out/demo/shipped/cache --variants molt,baseline --seeds 0,1 --d-common 128 --epochs 10 --out-dir runs/sweep-demo   (a few minutes on 2 CPU cores, the cache `molt demo` wrote)
+    Example: molt sweep --cache molt-out/demo/openclipart-sample/shipped/cache --variants molt,baseline --seeds 0,1 --d-common 128 --epochs 10 --out-dir runs/sweep-demo   (a few minutes on 2 CPU cores, the cache `molt demo` wrote)
 
-    Example: molt sweep --cache molt-out/demo/shipped/cache --variants molt,baseline,ablate:cca,reg:bridge --seeds 0,1,2 --d-common 128   (the paper's Table 2 on that cache; longer)
+    Example: molt sweep --cache molt-out/demo/openclipart-sample/shipped/cache --variants molt,baseline,ablate:cca,reg:bridge --seeds 0,1,2 --d-common 128   (the paper's Table 2 on that cache; longer)
     """
-    from molt_cache.sweep import run_sweep, summarize, write_sweep_report
+    from molt_cache.sweep import paired_differences, run_sweep, summarize, write_sweep_report
 
     with user_errors():
         cfg = SweepConfig(
@@ -39,7 +41,8 @@ def sweep(
             seeds=parse_int_list(seeds, "--seeds"), out_dir=out_dir, noise=parse_float_list(noise),
             missing=[] if missing.strip() == "none" else [m.strip() for m in missing.split(",") if m.strip()],
             strategy=strategy, reg_weight=reg_weight,
-            train={"epochs": epochs, "batch_size": batch_size, "patience": patience, "device": device},
+            train={"epochs": epochs, "batch_size": batch_size, "patience": patience, "device": device,
+                   **({"missing_rate": missing_rate, "missing_type": missing_type} if missing_rate else {})},
             heads={"d_common": d_common})
         print_config("sweep", cfg)
         # one transient bar for the epoch in progress (an epoch at d_c 1024 can take minutes on CPU)
@@ -68,6 +71,15 @@ def sweep(
         table.add_row(s["variant"], s["condition"],
                       *(f"{100 * s[f'{m}_mean']:.2f} ± {100 * s[f'{m}_std']:.2f}" for m in metrics))
     console.print(table)
+    paired = paired_differences(rows)
+    if paired:
+        diff = Table(title="MoLT − baseline, paired by seed (accuracy points: mean ± std, min … max, wins/ties/losses)")
+        for col in ("condition", "difference", "range", "w/t/l"):
+            diff.add_column(col, justify="left" if col == "condition" else "right")
+        for p in paired:
+            diff.add_row(p["condition"], f"{100 * p['diff_mean']:+.2f} ± {100 * p['diff_std']:.2f}",
+                         f"{100 * p['diff_min']:+.2f} … {100 * p['diff_max']:+.2f}", f"{p['wins']}/{p['ties']}/{p['losses']}")
+        console.print(diff)
     console.print(f"sweep folder: {paths['json'].parent}", markup=False, highlight=False)
     for path in paths.values():
         console.print(f"  wrote {path}", markup=False, highlight=False)

@@ -14,7 +14,7 @@ from molt_cache.config import HeadsConfig, TrainConfig
 def train_heads(
     cache: Annotated[list[str], typer.Option("--cache", help="Cache folder from `molt extract`; repeat to mix caches of one dataset.")],
     run_dir: Annotated[str, typer.Option(help="Folder for config, checkpoint, metrics and log.")] = "runs/molt",
-    model: Annotated[str, typer.Option(help="molt | baseline")] = "molt",
+    model: Annotated[str, typer.Option(help="molt | baseline | text-only | image-only (the same fusion and classifier reading one modality: the ceiling a fused model can reach when the other is absent).")] = "molt",
     ablate: Annotated[str, typer.Option(help="Comma-separated parts to remove: cross-attn,cca,M,fusion,fbp.")] = "",
     d_common: Annotated[int, typer.Option(help="d_c, width of the common space.")] = 1024,
     layers: Annotated[int, typer.Option(help="L_s, selected layers (must match the cache).")] = 4,
@@ -41,7 +41,12 @@ def train_heads(
 ):
     """Train the MoLT (or baseline) heads from a feature cache; never loads an encoder.
 
-    Example: molt train-heads --cache molt-out/demo/shipped/cache --run-dir runs/molt --d-common 128 --epochs 30   (the cache `molt demo` wrote)
+    On real data (docs/results.md: OpenClipart, shipped encoders, 3 seeds) MoLT beat the baseline
+    by about 1 point clean and 3 points with the image absent, but was worse and seed-unstable with
+    the text absent: train 3+ seeds, compare paired by seed, and read each fused model against
+    --model text-only / image-only, the accuracy reachable with one modality.
+
+    Example: molt train-heads --cache molt-out/demo/openclipart-sample/shipped/cache --run-dir runs/molt --d-common 128 --epochs 30   (the cache `molt demo` wrote)
     """
     from molt_cache.train import train_heads as run
 

@@ -305,6 +305,94 @@ def make_manifest(root: Path, *, fmt: str = "jsonl", multi: bool = False, with_s
     return root / "manifest.csv"
 
 
+# --- OpenClipart (Debian openclipart-png + openclipart-svg layout) ---------------------------
+def write_png(path: Path, index: int, mode: str, size: tuple[int, int] = (24, 16)) -> None:
+    """A small real PNG in `mode` (RGBA, LA, P with a transparent index, RGB, L): a coloured
+    square on a transparent (or grey) ground, so decoders must handle the drawing's alpha."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    arr = np.zeros((h, w, 4), np.uint8)  # transparent black: dropping alpha would show black
+    c = COLORS[index % len(COLORS)]
+    arr[2: h - 2, 2 + index % 4: w // 2 + index % 4] = (*c, 255)
+    img = Image.fromarray(arr, "RGBA")
+    if mode == "P":
+        img = img.convert("RGB").quantize(8)
+        img.info["transparency"] = 0 if img.getpixel((0, 0)) == 0 else img.getpixel((0, 0))
+        img.save(path, format="PNG", transparency=img.info["transparency"])
+        return
+    (img if mode == "RGBA" else img.convert(mode)).save(path, format="PNG")
+
+
+def svg_with_metadata(title: str, description: str, keywords: list[str], *, publisher: str = "Open Clip Art Library",
+                      doctype: str = "") -> str:
+    """An SVG whose RDF metadata is laid out as in the package (cc:Work with dc:title,
+    dc:description, dc:subject/rdf:Bag/rdf:li; the publisher's cc:Agent has a dc:title too)."""
+    lis = "".join(f"<rdf:li>{k}</rdf:li>" for k in keywords)
+    return (f'<?xml version="1.0" encoding="UTF-8" standalone="no"?>\n{doctype}'
+            '<svg xmlns="http://www.w3.org/2000/svg" xmlns:dc="http://purl.org/dc/elements/1.1/" '
+            'xmlns:cc="http://web.resource.org/cc/" xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#" '
+            'width="24" height="16"><metadata><rdf:RDF><cc:Work rdf:about="">'
+            f"<dc:title>{title}</dc:title><dc:description>{description}</dc:description>"
+            f"<dc:subject><rdf:Bag>{lis}</rdf:Bag></dc:subject>"
+            f"<dc:publisher><cc:Agent><dc:title>{publisher}</dc:title></cc:Agent></dc:publisher>"
+            '<cc:license rdf:resource="http://web.resource.org/cc/PublicDomain"/></cc:Work></rdf:RDF></metadata>'
+            '<rect x="2" y="2" width="10" height="12" fill="#c81e1e"/></svg>\n')
+
+
+# (relative path without extension, PNG mode, title, description, keywords); label = first folder.
+OPENCLIPART_ITEMS = [
+    ("animals/mammals/cat_01", "RGBA", "Cat", "A sleeping cat", ["cat", "mammal", "Animals", "pet"]),
+    ("animals/birds/parrot_01", "P", "Parrot", "", ["parrot", "hash", "", "green"]),
+    ("animals/dog_01", "LA", "Clipart by Nicu Buculei - dog1", "drawn by me http://example.org/dog", ["dog"]),
+    ("animals/fish_01", "RGB", "Fish", "", ["fish", "water", "animal"]),
+    ("animals/horse_01", "L", "Horse", "A brown horse", []),
+    ("animals/cow_01", "RGBA", "Cow", "", ["cow", "farm"]),
+    ("food/fruit/pear_01", "RGBA", "Pear", "ripe pear", ["pear", "fruits", "food"]),
+    ("food/apple_01", "P", "Apple", "", ["apple", "red"]),
+    ("food/bread_01", "LA", "Bread", "a loaf", ["bread", "bakery"]),
+    ("food/cheese_01", "RGB", "Cheese", "", ["cheese", "foodstuff"]),
+    ("food/soup_01", "L", "Soup", "hot soup", ["soup"]),
+    ("food/cake_01", "RGBA", "Birthday cake", "", ["cake", "party"]),
+    ("special/a_01", "RGBA", "Thing A", "", ["a"]),
+    ("special/b_01", "RGBA", "Thing B", "", ["b"]),
+    ("special/c_01", "RGBA", "Thing C", "", ["c"]),
+    ("logos/x_01", "RGBA", "Logo X", "", ["x"]),
+]
+BILLION_LAUGHS = ('<!DOCTYPE svg [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">'
+                  '<!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;"><!ENTITY d "&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;">'
+                  '<!ENTITY e "&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;"><!ENTITY f "&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;">'
+                  '<!ENTITY g "&f;&f;&f;&f;&f;&f;&f;&f;&f;&f;"><!ENTITY h "&g;&g;&g;&g;&g;&g;&g;&g;&g;&g;">]>\n')
+
+
+def make_openclipart(root: Path, *, bad: bool = False) -> Path:
+    """The package's layout: png/<category>/[<sub>/]<name>.png beside svg/…/<name>.svg.
+
+    Classes with ≥ 3 items (pass min_items=3): animals, food (6 each); special (3, excluded by
+    default) and logos (1) are left out. food/fruit/cat_link.png is a symbolic link to a drawing
+    filed under animals, as the package has. `bad` adds: a PNG without SVG, a malformed SVG, an
+    item whose text is all leak / boilerplate, and an SVG with an entity-expansion bomb.
+    """
+    for k, (rel, mode, title, desc, keywords) in enumerate(OPENCLIPART_ITEMS):
+        write_png(root / "png" / f"{rel}.png", k, mode)
+        svg = root / "svg" / f"{rel}.svg"
+        svg.parent.mkdir(parents=True, exist_ok=True)
+        svg.write_text(svg_with_metadata(title, desc, keywords), encoding="utf-8")
+    link = root / "png" / "food" / "fruit" / "cat_link.png"
+    if not link.is_symlink():
+        link.symlink_to(Path("..") / ".." / "animals" / "mammals" / "cat_01.png")
+    if bad:
+        write_png(root / "png" / "animals" / "ghost_01.png", 7, "RGBA")  # no SVG beside it
+        write_png(root / "png" / "food" / "broken_01.png", 8, "RGBA")
+        (root / "svg" / "food" / "broken_01.svg").write_text("<svg><metadata><rdf:RDF>", encoding="utf-8")
+        write_png(root / "png" / "food" / "leaky_01.png", 9, "RGBA")
+        (root / "svg" / "food" / "leaky_01.svg").write_text(
+            svg_with_metadata("Open Clip Art Library", "", ["food", "hash", "foods"]), encoding="utf-8")
+        write_png(root / "png" / "food" / "laughs_01.png", 10, "RGBA")
+        (root / "svg" / "food" / "laughs_01.svg").write_text(
+            svg_with_metadata("&h;", "", ["bomb"], doctype=BILLION_LAUGHS), encoding="utf-8")
+    return root
+
+
 def make_fixtures(out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     return {
@@ -324,6 +412,8 @@ def make_fixtures(out_dir: str | Path) -> dict[str, Path]:
         "manifest-jsonl-multi": make_manifest(out / "manifest_jsonl_multi", multi=True, labels_json=True),
         "manifest-bad": make_manifest(out / "manifest_bad", bad=True),
         "manifest-csv-bad": make_manifest(out / "manifest_csv_bad", fmt="csv", bad=True),
+        "openclipart": make_openclipart(out / "openclipart"),
+        "openclipart-bad": make_openclipart(out / "openclipart_bad", bad=True),
     }
 
 

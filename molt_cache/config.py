@@ -39,7 +39,7 @@ def load_json(cls: type[T], path: Path) -> T:
 class HeadsConfig:
     """The MoLT / baseline heads (method.md, 'Heads' and 'Fusion')."""
 
-    model: str = "molt"  # "molt" | "baseline"
+    model: str = "molt"  # "molt" | "baseline" | "text-only" | "image-only"
     d_common: int = 1024  # d_c, width of the shared latent space
     layers: int = 4  # L_s, last blocks of each encoder paired from the end
     fbp_stride: int = 4  # s, sum-pool stride of factorized bilinear pooling

@@ -44,10 +44,11 @@ class SweepConfig:
 
 
 def variant_configs(variant: str, cfg: SweepConfig) -> tuple[HeadsConfig, dict[str, float]]:
-    """'molt' | 'baseline' | 'ablate:<part>[+<part>]' | 'reg:<name>[+<name>]' -> heads config, reg weights."""
+    """'molt' | 'baseline' | 'text-only' | 'image-only' | 'ablate:<part>[+<part>]' | 'reg:<name>[+<name>]'
+    -> heads config, reg weights."""
     kind, _, arg = variant.partition(":")
     heads = HeadsConfig(**cfg.heads)
-    if kind in ("molt", "baseline") and not arg:
+    if kind in ("molt", "baseline", "text-only", "image-only") and not arg:
         heads.model = kind
         return heads, {}
     if kind == "ablate" and arg:
@@ -65,7 +66,7 @@ def variant_configs(variant: str, cfg: SweepConfig) -> tuple[HeadsConfig, dict[s
         if bad:
             raise ValueError(f"variant {variant!r}: unknown regularizer {bad}; valid: {list(REGULARIZERS)}")
         return heads, {n: cfg.reg_weight for n in names}
-    raise ValueError(f"unknown variant {variant!r}; valid: molt, baseline, ablate:<{'|'.join(ABLATIONS)}>, "
+    raise ValueError(f"unknown variant {variant!r}; valid: molt, baseline, text-only, image-only, ablate:<{'|'.join(ABLATIONS)}>, "
                      "reg:<separation|bridge|geometric>")
 
 
@@ -138,6 +139,7 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] = print,
             rob = run_robustness(RobustnessConfig(runs=[str(run_dir)], noise=cfg.noise, missing=cfg.missing,
                                                   levels=["feature"], strategy=cfg.strategy, seed=seed,
                                                   device=cfg.train.get("device", "auto"),
+                                                  in_memory=cfg.train.get("in_memory", False),
                                                   report_dir=str(run_dir)), log=lambda s: None)
             mine = [{"variant": variant, "seed": seed, **r} for r in rob]
             rows_path.write_text(json.dumps(mine, indent=2) + "\n")
@@ -165,6 +167,27 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def paired_differences(rows: list[dict], a: str = "molt", b: str = "baseline",
+                       metric: str = "accuracy") -> list[dict]:
+    """Per condition, the seed-paired difference a − b (same seed: same training order, same
+    evaluation noise draw): mean, std (ddof=1; 0 for one seed), min, max over the seeds both
+    variants have, and how many seeds a wins / ties / loses. Rows as `run_sweep` returns them."""
+    by = {(r["variant"], r["condition"], r["seed"]): r[metric] for r in rows if metric in r}
+    out = []
+    for condition in dict.fromkeys(r["condition"] for r in rows):
+        seeds = sorted({s for (v, c, s) in by if v == a and c == condition} &
+                       {s for (v, c, s) in by if v == b and c == condition})
+        if not seeds:
+            continue
+        d = [by[(a, condition, s)] - by[(b, condition, s)] for s in seeds]
+        mean = sum(d) / len(d)
+        std = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1)) if len(d) > 1 else 0.0
+        out.append({"condition": condition, "a": a, "b": b, "metric": metric, "seeds": seeds,
+                    "diff_mean": mean, "diff_std": std, "diff_min": min(d), "diff_max": max(d),
+                    "wins": sum(x > 0 for x in d), "ties": sum(x == 0 for x in d), "losses": sum(x < 0 for x in d)})
+    return out
+
+
 def write_sweep_report(summary: list[dict], rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
     import csv
 
@@ -172,6 +195,10 @@ def write_sweep_report(summary: list[dict], rows: list[dict], out_dir: str | Pat
     paths = {"json": out / "summary.json", "csv": out / "summary.csv", "rows": out / "runs.json",
              "plot": out / "summary.png"}
     paths["json"].write_text(json.dumps(summary, indent=2) + "\n")
+    variants = {r["variant"] for r in rows}
+    if {"molt", "baseline"} <= variants:
+        paths["paired"] = out / "paired_molt_vs_baseline.json"
+        paths["paired"].write_text(json.dumps(paired_differences(rows), indent=2) + "\n")
     paths["rows"].write_text(json.dumps(rows, indent=2) + "\n")
     with paths["csv"].open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(summary[0]))

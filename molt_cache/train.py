@@ -247,8 +247,9 @@ def training_perturb(cfg: TrainConfig, missing_table: MissingTable | None, epoch
 def build_regularizers(cfg: TrainConfig, heads_cfg: HeadsConfig):
     if not cfg.reg:
         return None
-    if heads_cfg.model == "baseline":
-        raise ValueError("--reg acts on MoLT's common-space states; the baseline has none (drop --reg or use --model molt)")
+    if heads_cfg.model != "molt":
+        raise ValueError(f"--reg acts on MoLT's common-space states; the {heads_cfg.model} heads have none "
+                         f"(drop --reg or use --model molt)")
     from molt_cache.losses.structure import StructureRegularizers
 
     return StructureRegularizers(cfg.reg, heads_cfg.d_common, heads_cfg.layers)

@@ -22,7 +22,8 @@ def read_all(reader) -> dict[str, list[Sample]]:
 
 # --- registry -------------------------------------------------------------------------------
 def test_registry_names_and_unknown_name():
-    assert list_datasets() == ["snli-ve", "food101", "mmimdb", "mmimdb-hdf5", "manifest", "sample"]
+    assert list_datasets() == ["snli-ve", "food101", "mmimdb", "mmimdb-hdf5", "manifest", "openclipart", "sample",
+                               "openclipart-sample"]
     with pytest.raises(ValueError, match="valid: .*snli-ve.*manifest"):
         open_dataset("coco", "/nowhere")
 

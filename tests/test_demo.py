@@ -24,10 +24,11 @@ def test_demo_without_shipped_weights_says_how_to_install(monkeypatch, tmp_path)
 
 
 def test_tiny_demo_end_to_end_then_reuses_everything(tmp_path):
-    args = ["demo", "--tiny", "--out-dir", str(tmp_path), "--epochs", "2", "--d-common", "32", "--device", "cpu"]
+    args = ["demo", "--dataset", "sample", "--tiny", "--out-dir", str(tmp_path), "--epochs", "2", "--d-common", "32",
+            "--device", "cpu"]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
-    report = tmp_path / "tiny" / "report"
+    report = tmp_path / "sample" / "tiny" / "report"
     rows = json.loads((report / "results.json").read_text())
     conditions = {(r["model"], r["condition"]) for r in rows}
     for model in ("molt", "baseline"):

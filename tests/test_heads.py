@@ -275,3 +275,67 @@ def test_multi_label_and_single_sample_eval():
     assert heads.eval()(one).cca_loss is None  # undefined for one sample; logits still come
     with pytest.raises(ValueError, match="at least 2"):
         heads.train()(one)
+
+
+# --- unimodal reference heads (text-only / image-only) -------------------------------------
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_unimodal_heads_read_only_their_modality(modality):
+    torch.manual_seed(0)
+    heads = build_heads(cfg(model=f"{modality}-only"), DIMS).eval()
+    width = DIMS.text_final_width if modality == "text" else DIMS.image_final_width
+    assert n_params(heads) == D_C + lin(D_C, D_C) + 2 * lin(width, D_C) + 2 * D_C + lin(D_C, CLASSES)
+    batch = make_batch()
+    other = "image" if modality == "text" else "text"
+    a = heads(batch).logits
+    torch.testing.assert_close(a, heads(scramble(batch, other)).logits)  # the other is never read
+    assert not torch.allclose(a, heads(scramble(batch, modality)).logits)
+    torch.testing.assert_close(a, heads(pad_more(batch, extra=3)).logits)  # padding changes nothing
+    out = heads(batch)
+    assert out.cca_loss is None and out.common == [] and out.robust is None
+    with pytest.raises(ValueError, match="apply to model 'molt' only"):
+        build_heads(cfg(model=f"{modality}-only", ablate=["cca"]), DIMS)
+
+
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_unimodal_heads_match_float64_reference(modality):
+    """½·LayerNorm(softmax(q Kᵀ/√d) V) · W_cls in numpy float64, over real tokens only."""
+    import numpy as np
+
+    torch.manual_seed(1)
+    heads = build_heads(cfg(model=f"{modality}-only"), DIMS).eval()
+    batch = make_batch(seed=3)
+    final = (batch.text_final if modality == "text" else batch.image_final).double().numpy()
+    mask = (batch.text_mask if modality == "text" else batch.image_mask).numpy()
+    P = {n: p.detach().double().numpy() for n, p in heads.named_parameters()}
+    q = P["query"] @ P["query_proj.weight"].T + P["query_proj.bias"]
+    expect = []
+    for b in range(batch.size):
+        x = final[b][mask[b]]
+        k = x @ P["key.weight"].T + P["key.bias"]
+        v = x @ P["value.weight"].T + P["value.bias"]
+        s = k @ q / np.sqrt(D_C)
+        w = np.exp(s - s.max())
+        e = (w / w.sum()) @ v
+        ln = (e - e.mean()) / np.sqrt(e.var() + 1e-5) * P["norm.weight"] + P["norm.bias"]
+        expect.append(0.5 * ln @ P["classifier.linear.weight"].T + P["classifier.linear.bias"])
+    np.testing.assert_allclose(heads(batch).logits.detach().double().numpy(), np.stack(expect), rtol=1e-4, atol=1e-5)
+
+
+def test_unimodal_heads_equal_baseline_fusion_translating_from_that_modality():
+    """The docstring's claim: text-only heads are the baseline's fusion when every image is absent
+    and 'translate' stands the text in for it (same query, projections and norm), up to LayerNorm's
+    ε (the fusion normalizes 2·E_r,t, whose variance is 4× larger against the same ε = 1e-5)."""
+    torch.manual_seed(2)
+    uni = build_heads(cfg(model="text-only"), DIMS).eval()
+    base = build_heads(cfg(model="baseline"), DIMS).eval()
+    with torch.no_grad():
+        base.query.copy_(uni.query)
+        base.fusion.query_proj.load_state_dict(uni.query_proj.state_dict())
+        base.fusion.text_key.load_state_dict(uni.key.state_dict())
+        base.fusion.text_value.load_state_dict(uni.value.state_dict())
+        base.fusion.norm.load_state_dict(uni.norm.state_dict())
+        base.classifier.load_state_dict(uni.classifier.state_dict())
+    batch = make_batch()
+    batch = dataclasses.replace(batch, image_present=torch.zeros(batch.size, dtype=torch.bool))
+    torch.testing.assert_close(uni(batch).logits, base(batch, missing_strategy="translate").logits,
+                               rtol=1e-3, atol=2e-4)

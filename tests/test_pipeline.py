@@ -274,3 +274,69 @@ def test_training_noise_is_redrawn_each_epoch_missing_table_is_not(work):
     assert torch.equal(e0.image_final, e0_again.image_final)  # reproducible
     assert not torch.equal(e0.image_final, e1.image_final)  # fresh noise each epoch
     assert torch.equal(e0.text_present, e1.text_present) and not e0.text_present.all()  # same missing pairs
+
+
+def test_unimodal_references_and_ceilings(work, tmp_path):
+    """text-only / image-only heads train from the cache; robustness prints each fused model's
+    modality-absent score beside the reference that reads only the remaining modality."""
+    for model in ("text-only", "image-only"):
+        molt("train-heads", "--cache", work / "cache", "--run-dir", tmp_path / model, "--model", model, *TRAIN_ARGS)
+    out = molt("robustness", "--run", work / "molt", "--run", tmp_path / "text-only", "--run", tmp_path / "image-only",
+               "--noise", "0", "--missing", "text,image", "--device", "cpu", "--report-dir", tmp_path / "rep")
+    assert "unimodal ceiling" in " ".join(out.split())
+    rows = json.loads((tmp_path / "rep" / "results.json").read_text())
+    acc = {(r["model"], r["condition"]): r["accuracy"] for r in rows}
+    # a reference never reads the other modality: removing it changes nothing
+    assert acc[("text-only", "image absent (feature, zero)")] == acc[("text-only", "clean")]
+    assert acc[("image-only", "text absent (feature, zero)")] == acc[("image-only", "clean")]
+    ceilings = json.loads((tmp_path / "rep" / "ceilings.json").read_text())
+    assert {(c["model"], c["reference"]) for c in ceilings} == {("molt", "image-only"), ("molt", "text-only")}
+    for c in ceilings:
+        assert c["ceiling"] == acc[(c["reference"], "clean")]
+        assert c["gap"] == pytest.approx(acc[("molt", c["condition"])] - c["ceiling"])
+
+
+def test_paired_differences_against_numpy():
+    import numpy as np
+
+    from molt_cache.sweep import paired_differences
+
+    rng = np.random.default_rng(0)
+    acc = {(v, c, s): float(rng.random()) for v in ("molt", "baseline") for c in ("clean", "x") for s in (0, 1, 2)}
+    acc[("molt", "x", 2)] = acc[("baseline", "x", 2)]  # one tie
+    rows = [{"variant": v, "condition": c, "seed": s, "accuracy": a} for (v, c, s), a in acc.items()]
+    rows.append({"variant": "molt", "condition": "clean", "seed": 7, "accuracy": 0.5})  # no partner: ignored
+    out = {p["condition"]: p for p in paired_differences(rows)}
+    for c in ("clean", "x"):
+        d = np.array([acc[("molt", c, s)] - acc[("baseline", c, s)] for s in (0, 1, 2)], dtype=np.float64)
+        assert out[c]["seeds"] == [0, 1, 2]
+        assert out[c]["diff_mean"] == pytest.approx(d.mean()) and out[c]["diff_std"] == pytest.approx(d.std(ddof=1))
+        assert (out[c]["diff_min"], out[c]["diff_max"]) == (pytest.approx(d.min()), pytest.approx(d.max()))
+        assert out[c]["wins"] + out[c]["ties"] + out[c]["losses"] == 3
+    assert out["x"]["ties"] == 1
+
+
+def test_sweep_prints_and_writes_paired_molt_vs_baseline(work, tmp_path):
+    out = molt("sweep", "--cache", work / "cache", "--variants", "molt,baseline", "--seeds", "0,1",
+               "--out-dir", tmp_path / "sw", "--epochs", "1", "--d-common", "32", "--batch-size", "32",
+               "--missing", "text", "--device", "cpu", "--missing-rate", "0.5")
+    assert "paired by seed" in " ".join(out.split())
+    paired = json.loads((tmp_path / "sw" / "paired_molt_vs_baseline.json").read_text())
+    rows = json.loads((tmp_path / "sw" / "runs.json").read_text())
+    acc = {(r["variant"], r["condition"], r["seed"]): r["accuracy"] for r in rows}
+    for p in paired:
+        d = [acc[("molt", p["condition"], s)] - acc[("baseline", p["condition"], s)] for s in (0, 1)]
+        assert p["seeds"] == [0, 1] and p["diff_mean"] == pytest.approx(sum(d) / 2)
+    config = json.loads((tmp_path / "sw" / "molt" / "seed0" / "config.json").read_text())
+    assert config["train"]["missing_rate"] == 0.5 and config["train"]["missing_type"] == "both"
+
+
+def test_in_memory_robustness_equals_streamed(work, tmp_path):
+    """The in-memory path (each split loaded once per run) gives the streamed path's numbers."""
+    from molt_cache.robustness.evaluate import RobustnessConfig, run_robustness
+
+    kw = dict(runs=[str(work / "molt"), str(work / "baseline")], noise=[0.05], missing=["text"], seed=3,
+              device="cpu", report_dir=str(tmp_path))
+    streamed = run_robustness(RobustnessConfig(**kw), log=lambda s: None)
+    in_memory = run_robustness(RobustnessConfig(in_memory=True, **kw), log=lambda s: None)
+    assert in_memory == streamed and len(streamed) == 6

@@ -14,7 +14,8 @@ from .food101 import Food101Reader
 from .images import ImageDecodeError, array_to_image, decode_image
 from .manifest import ManifestReader
 from .mmimdb import GENRES, MmImdbHdf5Reader, MmImdbReader
-from .sample import SAMPLE_DIR, open_sample
+from .openclipart import OpenClipartReader
+from .sample import OPENCLIPART_SAMPLE_DIR, SAMPLE_DIR, open_openclipart_sample, open_sample
 from .snli_ve import SnliVeReader
 
 _READERS: dict[str, Callable[..., DatasetReader]] = {
@@ -23,8 +24,11 @@ _READERS: dict[str, Callable[..., DatasetReader]] = {
     "mmimdb": MmImdbReader,
     "mmimdb-hdf5": MmImdbHdf5Reader,
     "manifest": ManifestReader,
+    "openclipart": OpenClipartReader,
     "sample": open_sample,
+    "openclipart-sample": open_openclipart_sample,
 }
+BUNDLED = ("sample", "openclipart-sample")  # readable without a root
 
 
 def list_datasets() -> list[str]:
@@ -32,17 +36,18 @@ def list_datasets() -> list[str]:
 
 
 def open_dataset(name: str, root: str | Path | None, *, on_bad: OnBad = "error", **options: Any) -> DatasetReader:
-    """Open one release. `root` may be None only for "sample" (the bundled folder).
+    """Open one release. `root` may be None only for the bundled samples (`BUNDLED`).
 
     `options` go to the reader: snli-ve `image_dir`; food101 `val_fraction`, `seed`;
-    mmimdb-hdf5 `metadata`, `pad_id`; manifest `seed`.
+    mmimdb-hdf5 `metadata`, `pad_id`; manifest `seed`;
+    openclipart `seed`, `min_items`, `exclude`, `max_pixels`.
     """
     if name not in _READERS:
         raise ValueError(f"unknown dataset {name!r}; valid: {list_datasets()}")
     if on_bad not in ("error", "skip"):
         raise ValueError(f"unknown on_bad {on_bad!r}; valid: ['error', 'skip']")
-    if root is None and name != "sample":
-        raise ValueError(f"dataset {name!r} needs a root folder (only 'sample' has a bundled default)")
+    if root is None and name not in BUNDLED:
+        raise ValueError(f"dataset {name!r} needs a root folder (only {list(BUNDLED)} have a bundled default)")
     try:
         return _READERS[name](root, on_bad=on_bad, **options)
     except TypeError as e:
@@ -51,7 +56,8 @@ def open_dataset(name: str, root: str | Path | None, *, on_bad: OnBad = "error",
         raise
 
 
-__all__ = ["BadRow", "BadRowReport", "DatasetError", "DatasetReader", "Food101Reader", "GENRES", "ImageDecodeError",
-           "ImageRef", "array_to_image", "decode_image",
-           "ManifestReader", "MmImdbHdf5Reader", "MmImdbReader", "OnBad", "SAMPLE_DIR", "Sample",
-           "SnliVeReader", "list_datasets", "open_dataset", "open_sample"]
+__all__ = ["BUNDLED", "BadRow", "BadRowReport", "DatasetError", "DatasetReader", "Food101Reader", "GENRES",
+           "ImageDecodeError", "ImageRef", "array_to_image", "decode_image",
+           "ManifestReader", "MmImdbHdf5Reader", "MmImdbReader", "OPENCLIPART_SAMPLE_DIR", "OnBad", "OpenClipartReader",
+           "SAMPLE_DIR", "Sample", "SnliVeReader", "list_datasets", "open_dataset", "open_openclipart_sample",
+           "open_sample"]

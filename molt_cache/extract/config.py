@@ -17,7 +17,7 @@ class ExtractConfig:
     """`molt extract`: one cache per (dataset, encoder pair, perturbation)."""
 
     dataset: str = "sample"  # a name from molt_cache.datasets.list_datasets()
-    root: str | None = None  # dataset folder (None only for "sample")
+    root: str | None = None  # dataset folder (None only for the bundled "sample", "openclipart-sample")
     dataset_options: dict[str, Any] = field(default_factory=dict)  # passed to open_dataset
     splits: list[str] | None = None  # None = every split the reader has
     limit: int | None = None  # keep the first N usable pairs of each split (reader order, before dedup)

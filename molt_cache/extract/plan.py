@@ -86,7 +86,10 @@ EXPECTED_ROOT_FILES = {
     "mmimdb": "split.json and dataset/<id>.json + dataset/<id>.jpeg",
     "mmimdb-hdf5": "multimodal_imdb.hdf5 and metadata.npy",
     "manifest": "manifest.jsonl or manifest.csv (or pass the manifest file itself)",
+    "openclipart": "png/<category>/…/<name>.png beside svg/<category>/…/<name>.svg "
+                   "(/usr/share/openclipart, or the folder the Debian packages were dpkg-deb -x'ed into)",
     "sample": "manifest.jsonl and its images (data/sample/)",
+    "openclipart-sample": "manifest.jsonl, labels.json and its images (data/openclipart_sample/)",
 }
 
 

@@ -10,8 +10,9 @@ from molt_cache.heads.model import (
     FeatureDims,
     HeadsOutput,
     MoltHeads,
+    UnimodalHeads,
     build_heads,
 )
 
 __all__ = ["ABLATIONS", "MISSING_STRATEGIES", "MODELS", "BaselineHeads", "CommonStates",
-           "FeatureDims", "HeadsOutput", "MoltHeads", "build_heads"]
+           "FeatureDims", "HeadsOutput", "MoltHeads", "UnimodalHeads", "build_heads"]

@@ -1,6 +1,8 @@
-"""The stage-two heads: MoltHeads (MoLT layers -> FBP -> layer weights M -> fusion -> classifier)
-and BaselineHeads (the same fusion and classifier with a learned query). `build_heads` is the one
-factory; it validates the config (model name, ablations) before building anything."""
+"""The stage-two heads: MoltHeads (MoLT layers -> FBP -> layer weights M -> fusion -> classifier),
+BaselineHeads (the same fusion and classifier with a learned query) and UnimodalHeads (text-only /
+image-only: the baseline's fusion reading one modality, the reference a fused model falls back to
+when the other modality is absent). `build_heads` is the one factory; it validates the config
+(model name, ablations) before building anything."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,10 +14,10 @@ from molt_cache.batch import FeatureBatch
 from molt_cache.config import HeadsConfig
 from molt_cache.heads.fbp import factorized_bilinear_pool
 from molt_cache.heads.fusion import Fusion
-from molt_cache.heads.molt import LayerStates, MoltLayer
+from molt_cache.heads.molt import LayerStates, MoltLayer, attend
 from molt_cache.losses.cca import dcca_loss
 
-MODELS = ("molt", "baseline")
+MODELS = ("molt", "baseline", "text-only", "image-only")
 ABLATIONS = ("cross-attn", "cca", "M", "fusion", "fbp")  # paper Table 2
 MISSING_STRATEGIES = ("zero", "empty", "translate")
 
@@ -245,6 +247,35 @@ class BaselineHeads(nn.Module):
         return HeadsOutput(logits=self.classifier(fused), cca_loss=None, common=[], robust=None)
 
 
+class UnimodalHeads(nn.Module):
+    """Text-only or image-only reference heads: the baseline's learned query attends to one
+    modality's final states, E_r,m = CA(Q_r, E_m), and the classifier reads ½·LayerNorm(E_r,m),
+    which is the fusion's output when both of its branches carry that modality (what 'translate'
+    gives a fused model whose other modality is absent), up to LayerNorm's ε. The other modality is never read, so
+    its accuracy is the ceiling a fused model can reach with that modality alone."""
+
+    def __init__(self, cfg: HeadsConfig, dims: FeatureDims, modality: str):
+        super().__init__()
+        if modality not in ("text", "image"):
+            raise ValueError(f"unimodal heads read 'text' or 'image', got {modality!r}")
+        self.cfg, self.modality = cfg, modality
+        width = dims.text_final_width if modality == "text" else dims.image_final_width
+        self.query = nn.Parameter(torch.empty(cfg.d_common).normal_(std=0.02))
+        self.query_proj = nn.Linear(cfg.d_common, cfg.d_common)
+        self.key = nn.Linear(width, cfg.d_common)
+        self.value = nn.Linear(width, cfg.d_common)
+        self.norm = nn.LayerNorm(cfg.d_common)
+        self.classifier = _Classifier(cfg.d_common, cfg.num_classes, cfg.dropout)
+
+    def forward(self, batch: FeatureBatch, missing_strategy: str = "zero") -> HeadsOutput:
+        _check_strategy(missing_strategy)  # nothing to translate from: one modality is all it has
+        final, mask = ((batch.text_final, batch.text_mask) if self.modality == "text"
+                       else (batch.image_final, batch.image_mask))
+        q = self.query_proj(self.query.expand(batch.size, -1))[:, None, :]  # (B, 1, d_c)
+        e = attend(q, self.key(final), self.value(final), mask.bool())[:, 0]  # (B, d_c) E_r,m
+        return HeadsOutput(logits=self.classifier(0.5 * self.norm(e)), cca_loss=None, common=[], robust=None)
+
+
 def build_heads(cfg: HeadsConfig, dims: FeatureDims) -> nn.Module:
     """MoltHeads or BaselineHeads per `cfg.model`; bad configs fail here, naming the fix."""
     if cfg.model not in MODELS:
@@ -256,11 +287,13 @@ def build_heads(cfg: HeadsConfig, dims: FeatureDims) -> nn.Module:
         raise ValueError(f"d_common must be >= 1, got {cfg.d_common}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.model != "molt" and ablate:
+        raise ValueError(f"ablations {sorted(ablate)} apply to model 'molt' only; the "
+                         f"{cfg.model} heads have no MoLT, FBP, M or CCA (use model='molt' or ablate=[])")
     if cfg.model == "baseline":
-        if ablate:
-            raise ValueError(f"ablations {sorted(ablate)} apply to model 'molt' only; the "
-                             f"baseline has no MoLT, FBP, M or CCA (use model='molt' or ablate=[])")
         return BaselineHeads(cfg, dims)
+    if cfg.model in ("text-only", "image-only"):
+        return UnimodalHeads(cfg, dims, cfg.model.removesuffix("-only"))
     available = min(len(dims.text_layer_widths), len(dims.image_layer_widths))
     if not 1 <= cfg.layers <= available:
         raise ValueError(f"layers (L_s) = {cfg.layers}, but the cache holds {len(dims.text_layer_widths)} "

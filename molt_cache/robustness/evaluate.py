@@ -41,6 +41,7 @@ class RobustnessConfig:
     report_dir: str = "reports/robustness"
     input_cache_root: str = ""  # where input-level caches go; default: beside the run's cache
     cache: str = ""  # override the cache the runs were trained on
+    in_memory: bool = False  # load each evaluated split once per run, not once per condition (needs the RAM)
 
     NUMERIC: ClassVar[dict[str, Range]] = {"noise": NON_NEGATIVE, "missing_rate": FRACTION,
                                            "seed": NON_NEGATIVE_INT, "batch_size": COUNT}
@@ -159,7 +160,7 @@ def run_robustness(cfg: RobustnessConfig, *, log: Callable[[str], None] = print,
                 perturb = make_perturb(noise=cond.noise, noise_on=cond.noise_on, missing_table=table,
                                        strategy=cfg.strategy, seed=cfg.seed)
             loader = make_loader([split], batch_size=cfg.batch_size, shuffle=False, seed=cfg.seed, epoch=0,
-                                 in_memory=False, num_workers=0, perturb=perturb)
+                                 in_memory=cfg.in_memory, num_workers=0, perturb=perturb)
             # translate needs the heads to know which modality is absent; zero/empty feed what is there
             strategy = cfg.strategy if cond.missing and cond.level == "feature" else "zero"
             metrics = evaluate(heads, loader, device, heads_cfg.multi_label, missing_strategy=strategy)

@@ -66,6 +66,38 @@ def robustness_table(rows: list[dict], title: str = "Robustness", *,
     return table
 
 
+UNIMODAL = {"text": "image-only", "image": "text-only"}  # absent modality -> the reference that lacks it
+
+
+def ceiling_rows(rows: list[dict], metric: str = "accuracy") -> list[dict]:
+    """Each fused model's score with a modality absent beside the unimodal reference that never
+    had it (its clean score): `gap` = fused - ceiling in points of `metric` (negative: the fused
+    model loses more than reading the remaining modality alone would). Empty without
+    text-only / image-only runs among `rows`."""
+    ceilings = {r["model"]: r[metric] for r in rows if r["model"] in UNIMODAL.values() and r["condition"] == "clean"}
+    out = []
+    for r in rows:
+        ref = UNIMODAL.get(r.get("missing") or "")
+        if ref in ceilings and r["model"] not in UNIMODAL.values() and metric in r:
+            out.append({"model": r["model"], "condition": r["condition"], "reference": ref,
+                        metric: r[metric], "ceiling": ceilings[ref], "gap": r[metric] - ceilings[ref]})
+    return out
+
+
+def ceiling_table(rows: list[dict], metric: str = "accuracy") -> Table | None:
+    """`ceiling_rows` as a rich table (percent), or None when there is no unimodal reference."""
+    found = ceiling_rows(rows, metric)
+    if not found:
+        return None
+    table = Table(title=f"Modality absent vs the unimodal ceiling ({metric}, %)")
+    for col in ("model", "condition", "reference", metric, "ceiling", "gap (points)"):
+        table.add_column(col, justify="left" if col in ("model", "condition", "reference") else "right")
+    for r in found:
+        table.add_row(r["model"], r["condition"], r["reference"], f"{100 * r[metric]:.2f}",
+                      f"{100 * r['ceiling']:.2f}", f"{100 * r['gap']:+.2f}")
+    return table
+
+
 def write_report(rows: list[dict], report_dir: str | Path, config: dict) -> dict[str, Path]:
     """Write results.json, results.csv, config.json and one PNG per metric; return their paths."""
     out = Path(report_dir)
@@ -78,6 +110,9 @@ def write_report(rows: list[dict], report_dir: str | Path, config: dict) -> dict
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+    if ceiling_rows(rows):
+        paths["ceilings"] = out / "ceilings.json"
+        paths["ceilings"].write_text(json.dumps(ceiling_rows(rows), indent=2) + "\n")
     for k in metric_keys(rows):
         paths[f"plot_{k}"] = plot_noise_curves(rows, k, out / f"noise_{k}.png")
     return paths
