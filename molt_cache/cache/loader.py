@@ -365,20 +365,7 @@ class FeatureLoader:
         return _pin(batch) if self.pin_memory else batch
 
     def __iter__(self) -> Iterator[FeatureBatch]:
-        n = len(self)
-        if self.num_workers == 0:
-            for k in range(n):
-                yield self._make(k)
-            return
-        ahead = 2 * self.num_workers  # bounded look-ahead keeps memory at a few batches
-        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="molt-loader") as pool:
-            pending = [pool.submit(self._make, k) for k in range(min(ahead, n))]
-            for k in range(n):
-                batch = pending[k].result()
-                pending[k] = None  # drop the reference: the consumer owns the batch now
-                if k + ahead < n:
-                    pending.append(pool.submit(self._make, k + ahead))
-                yield batch
+        return prefetched(self._make, len(self), self.num_workers, "molt-loader")
 
     @property
     def chunk_decodes(self) -> int:
@@ -445,3 +432,21 @@ def make_loader(splits: list[CacheSplit], *, batch_size: int, shuffle: bool, see
     return FeatureLoader(plans, order, batch_size=batch_size, num_workers=num_workers,
                          multi_label=splits[0].multi_label, perturb=perturb,
                          pin_memory=pin_memory)
+
+
+def prefetched(make: Callable[[int], FeatureBatch], n: int, num_workers: int, name: str) -> Iterator[FeatureBatch]:
+    """make(0) … make(n - 1) in order; with workers, built ahead on a thread pool (the streaming
+    loader and the feature store share this)."""
+    if num_workers == 0:
+        for k in range(n):
+            yield make(k)
+        return
+    ahead = 2 * num_workers  # bounded look-ahead keeps memory at a few batches
+    with ThreadPoolExecutor(num_workers, thread_name_prefix=name) as pool:
+        pending = [pool.submit(make, k) for k in range(min(ahead, n))]
+        for k in range(n):
+            batch = pending[k].result()
+            pending[k] = None  # drop the reference: the consumer owns the batch now
+            if k + ahead < n:
+                pending.append(pool.submit(make, k + ahead))
+            yield batch

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -349,20 +348,7 @@ class StoreLoader:
         return self.perturb(batch) if self.perturb is not None else batch
 
     def __iter__(self) -> Iterator[FeatureBatch]:
-        n = len(self)
-        if self.num_workers == 0:
-            for k in range(n):
-                yield self._make(k)
-            return
-        ahead = 2 * self.num_workers
-        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="molt-store") as pool:
-            pending = [pool.submit(self._make, k) for k in range(min(ahead, n))]
-            for k in range(n):
-                batch = pending[k].result()
-                pending[k] = None
-                if k + ahead < n:
-                    pending.append(pool.submit(self._make, k + ahead))
-                yield batch
+        return _loader.prefetched(self._make, len(self), self.num_workers, "molt-store")
 
 
 def make_batches(splits: list[CacheSplit], *, store: FeatureStore | None = None, batch_size: int,
