@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 BENCHMARKS = {"extract": "benchmarks.bench_extract", "train": "benchmarks.bench_train", "cca": "benchmarks.bench_cca",
+              "gpu": "benchmarks.bench_gpu",
               "checksum": "benchmarks.bench_checksum", "finite": "benchmarks.bench_finite",
               "scale": "benchmarks.bench_scale", "grouping": "benchmarks.bench_grouping"}
 

@@ -10,8 +10,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: rich never inserts line breaks into printed lines (a terminal still wraps them
+# visually), so paths and commands stay whole when copied or when output goes to a log file.
+# Tables and panels still fit the width.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def log_line(line: str) -> None:
@@ -19,13 +22,20 @@ def log_line(line: str) -> None:
     err_console.print(line, markup=False, highlight=False)
 
 
-def print_config(title: str, *configs) -> None:
-    """Print the resolved config at start (what runs is what you see), one line per config."""
+def print_config(title: str, *configs, to: Console | None = None) -> None:
+    """Print the resolved config at start (what runs is what you see), one line per config;
+    `to` another console (stderr, when stdout carries JSON for scripts)."""
+    out = to or console
     lines = []
     for c in configs:
         fields = "  ".join(f"{k}={json.dumps(v, default=str)}" for k, v in dataclasses.asdict(c).items())
-        lines.append(f"[bold]{type(c).__name__}[/]  {escape(fields)}")
-    console.print(Panel("\n".join(lines), title=title, expand=False))
+        lines.append((type(c).__name__, fields))
+    if not out.is_terminal:  # a log file: whole lines, no box to crop or wrap them
+        for name, fields in lines:
+            out.print(f"{title}: {name}  {fields}", markup=False, highlight=False)
+        return
+    out.print(Panel("\n".join(f"[bold]{name}[/]  {escape(fields)}" for name, fields in lines), title=title,
+                    expand=False), soft_wrap=False)
 
 
 @contextlib.contextmanager

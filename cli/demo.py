@@ -38,7 +38,12 @@ def demo(
         err_console.print(f"[bold red]error:[/] {e}\n"
                           "or run the demo on tiny random encoders: [bold]molt demo --tiny[/]")
         raise typer.Exit(code=2) from None
-    console.print(robustness_table(result.rows, title=f"molt demo: MoLT vs baseline on {dataset} (test split)"))
+    from molt_cache.datasets.sample import perfect_reader_ceilings
+
+    # the synthetic sample's generating factors give exact per-modality ceilings; a real sample has none
+    ceilings = perfect_reader_ceilings("test") if dataset == "sample" else None
+    console.print(robustness_table(result.rows, title=f"molt demo: MoLT vs baseline on {dataset} (test split)",
+                                   ceilings=ceilings))
     times = Table(title="wall time per stage")
     times.add_column("stage")
     times.add_column("seconds", justify="right")
@@ -46,4 +51,11 @@ def demo(
         times.add_row(k, f"{v:.1f}")
     times.add_row("total", f"{sum(result.seconds.values()):.1f}")
     console.print(times)
-    console.print(f"report folder: {result.report_dir}")
+    console.print(f"cache:           {result.cache}", markup=False, highlight=False)
+    for model, run in result.runs.items():
+        console.print(f"{model + ' run:':<16} {run}", markup=False, highlight=False)
+    console.print(f"report folder:   {result.report_dir}", markup=False, highlight=False)
+    for path in result.report_files.values():
+        console.print(f"  wrote {path}", markup=False, highlight=False)
+    console.print(f"next: molt predict --run {result.runs['molt']} --image data/sample/images/img_000.jpg "
+                  f"--text \"a photo of a cat\"", markup=False, highlight=False)

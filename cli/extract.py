@@ -33,14 +33,26 @@ def extract(
     noise_on: Annotated[str, typer.Option(help="image | text | both")] = "both",
     empty: Annotated[Optional[str], typer.Option(help="text (every text empty) | image (a blank image)")] = None,
     seed: Annotated[int, typer.Option(help="Seeds input-level noise.")] = 0,
+    devices: Annotated[Optional[str], typer.Option(help="Launch one rank per entry under torchrun --standalone with these arguments: 0,1 (a GPU each), 0,0 (ranks sharing GPU 0), cpu,cpu.")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", help="Reader option KEY=VALUE, repeatable (e.g. openclipart min_items=40); recorded in the manifest.")] = None,
 ):
     """Run the frozen encoders once and write last-layer states to a sharded Zarr cache.
 
     Rerun the same command to resume; under torchrun each rank takes its share of the work units.
 
-    Example: molt extract --dataset snli-ve --root /data/snli-ve --text hf:/models/llama-7b --image open_clip:ViT-L-14 --image-weights /models/vit-l-14.bin
+    Example: molt extract --dataset openclipart-sample --out-dir molt-out/demo/openclipart-sample/shipped/cache   (the bundled sample, into the folder `molt demo` uses, so it is reused)
+
+    Example: molt extract --dataset snli-ve --root /data/snli-ve --text hf:/models/llama-7b --image open_clip:ViT-L-14 --image-weights /models/vit-l-14.bin   (a release on disk)
     """
+    if devices is not None:
+        options = {k: v for k, v in locals().items() if k not in ("devices", "device")}  # the parameters only
+        from cli.launch import run_ranks
+
+        with user_errors():
+            if device != "auto":
+                raise ValueError(f"--devices {devices} sets each rank's device; drop --device {device}")
+            code = run_ranks(devices, "extract", options)
+        raise typer.Exit(code)
     from cli.progress import ExtractBars
     from molt_cache.datasets.check import parse_options
     from molt_cache.extract import extract as run

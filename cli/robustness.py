@@ -26,7 +26,7 @@ def robustness(
 ):
     """Evaluate trained heads with a modality absent or noised, like the paper's Table 3.
 
-    Example: molt robustness --run runs/molt --run runs/baseline --noise 0.01,0.05,0.1,0.2 --level feature,input
+    Example: molt robustness --run molt-out/demo/openclipart-sample/shipped/runs/molt --run molt-out/demo/openclipart-sample/shipped/runs/baseline --noise 0.01,0.05,0.1,0.2 --level feature,input --report-dir reports/robustness   (the runs `molt demo` trained)
     """
     from cli.progress import ExtractBars
     from molt_cache.robustness.evaluate import run_robustness
@@ -47,4 +47,6 @@ def robustness(
     ceilings = ceiling_table(rows)
     if ceilings is not None:  # text-only / image-only runs given: the fused models' drop against them
         console.print(ceilings)
-    console.print(f"report folder: {paths['json'].parent}")
+    console.print(f"report folder: {paths['json'].parent}", markup=False, highlight=False)
+    for path in paths.values():
+        console.print(f"  wrote {path}", markup=False, highlight=False)

@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from cli.common import console, parse_float_list, parse_int_list, print_config, user_errors
@@ -28,7 +29,9 @@ def sweep(
 ):
     """Train every variant × seed from one cache; table of mean ± std, clean and under perturbations.
 
-    Example: molt sweep --cache caches/sample --variants molt,baseline,ablate:cca,reg:bridge --seeds 0,1,2
+    Example: molt sweep --cache molt-out/demo/openclipart-sample/shipped/cache --variants molt,baseline --seeds 0,1 --d-common 128 --epochs 10 --out-dir runs/sweep-demo   (a few minutes on 2 CPU cores, the cache `molt demo` wrote)
+
+    Example: molt sweep --cache molt-out/demo/openclipart-sample/shipped/cache --variants molt,baseline,ablate:cca,reg:bridge --seeds 0,1,2 --d-common 128   (the paper's Table 2 on that cache; longer)
     """
     from molt_cache.sweep import paired_differences, run_sweep, summarize, write_sweep_report
 
@@ -42,7 +45,20 @@ def sweep(
                    **({"missing_rate": missing_rate, "missing_type": missing_type} if missing_rate else {})},
             heads={"d_common": d_common})
         print_config("sweep", cfg)
-        rows = run_sweep(cfg, log=console.print)
+        # one transient bar for the epoch in progress (an epoch at d_c 1024 can take minutes on CPU)
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=console, transient=True, disable=not console.is_terminal)
+        task = progress.add_task("sweep", total=None, loss=float("nan"))
+
+        def on_step(variant: str, seed: int, epoch: int, step: int, steps: int, loss: float) -> None:
+            if step == 1:
+                progress.reset(task, total=steps, description=f"{variant} seed {seed} epoch {epoch + 1}")
+            progress.update(task, completed=step, loss=loss)
+
+        with progress:
+            rows = run_sweep(cfg, log=lambda line: progress.console.print(line, markup=False, highlight=False),
+                             on_step=on_step)
         summary = summarize(rows)
         paths = write_sweep_report(summary, rows, cfg.out_dir)
     metrics = [k[:-5] for k in summary[0] if k.endswith("_mean")]
@@ -64,4 +80,6 @@ def sweep(
             diff.add_row(p["condition"], f"{100 * p['diff_mean']:+.2f} ± {100 * p['diff_std']:.2f}",
                          f"{100 * p['diff_min']:+.2f} … {100 * p['diff_max']:+.2f}", f"{p['wins']}/{p['ties']}/{p['losses']}")
         console.print(diff)
-    console.print(f"sweep folder: {paths['json'].parent}")
+    console.print(f"sweep folder: {paths['json'].parent}", markup=False, highlight=False)
+    for path in paths.values():
+        console.print(f"  wrote {path}", markup=False, highlight=False)

@@ -45,7 +45,7 @@ def train_heads(
 
     Train 3+ seeds, compare paired by seed, and read fused models against --model text-only / image-only (the accuracy reachable with one modality).
 
-    Example: molt train-heads --cache caches/sample --run-dir runs/molt --d-common 128 --epochs 30
+    Example: molt train-heads --cache molt-out/demo/openclipart-sample/shipped/cache --run-dir runs/molt --d-common 128 --epochs 30   (the cache `molt demo` wrote)
     """
     from molt_cache.train import train_heads as run
 

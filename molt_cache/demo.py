@@ -57,6 +57,15 @@ class DemoResult:
     report_dir: Path
     rows: list[dict]
     seconds: dict[str, float]
+    report_files: dict[str, Path] = field(default_factory=dict)  # results.json/csv, config.json, PNGs
+
+
+def demo_layout(cfg: DemoConfig) -> dict[str, Path]:
+    """Where the demo writes: its cache, the MoLT and baseline runs, the report folder. The
+    commands' --help examples point here (tests/test_help_examples.py keeps them in step)."""
+    out = Path(cfg.out_dir) / cfg.dataset / ("tiny" if cfg.tiny else "shipped")
+    return {"cache": out / "cache", "molt": out / "runs" / "molt", "baseline": out / "runs" / "baseline",
+            "report": out / "report"}
 
 
 def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] = print,
@@ -74,11 +83,11 @@ def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] = print,
     if cfg.dataset not in BUNDLED:
         raise ValueError(f"the demo runs on a bundled sample: {list(BUNDLED)}, not {cfg.dataset!r} "
                          f"(for a release on disk use molt extract / train-heads / robustness)")
-    out = Path(cfg.out_dir) / cfg.dataset / ("tiny" if cfg.tiny else "shipped")
+    layout = demo_layout(cfg)
     seconds: dict[str, float] = {}
 
     t = time.perf_counter()
-    cache = out / "cache"
+    cache = layout["cache"]
     extract(ExtractConfig(dataset=cfg.dataset, root=None, text=cfg.text_spec, image=cfg.image_spec,
                           out_dir=str(cache), device=cfg.device, seed=cfg.seed),
             on_log=log, **(extract_callbacks or {}))
@@ -87,7 +96,7 @@ def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] = print,
     runs = {}
     for model in ("molt", "baseline"):
         t = time.perf_counter()
-        run_dir = out / "runs" / model
+        run_dir = layout[model]
         heads_cfg = HeadsConfig(model=model, d_common=cfg.d_common)
         train_cfg = TrainConfig(cache=[str(cache)], run_dir=str(run_dir), epochs=cfg.epochs, batch_size=cfg.batch_size,
                                 lr=cfg.lr, seed=cfg.seed, device=cfg.device, patience=cfg.patience)
@@ -105,7 +114,7 @@ def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] = print,
         seconds[f"train {model}"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    report_dir = out / "report"
+    report_dir = layout["report"]
     base = dict(runs=[str(runs["molt"]), str(runs["baseline"])], seed=cfg.seed, device=cfg.device,
                 report_dir=str(report_dir))
     rows = run_robustness(RobustnessConfig(noise=cfg.noise, levels=cfg.levels, strategy="zero", **base), log=log,
@@ -120,8 +129,8 @@ def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] = print,
                                extract_callbacks=extract_callbacks)
         rows += [r for r in empty if r["condition"] != "clean"]
     seconds["robustness"] = time.perf_counter() - t
-    write_report(rows, report_dir, {"demo": asdict(cfg), "seconds": seconds})
-    return DemoResult(cache, runs, report_dir, rows, seconds)
+    files = write_report(rows, report_dir, {"demo": asdict(cfg), "seconds": seconds})
+    return DemoResult(cache, runs, report_dir, rows, seconds, files)
 
 
 def _same_run_config(run_dir: Path, heads_cfg: HeadsConfig, train_cfg: TrainConfig) -> bool:

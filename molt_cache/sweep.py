@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -69,8 +70,19 @@ def variant_configs(variant: str, cfg: SweepConfig) -> tuple[HeadsConfig, dict[s
                      "reg:<separation|bridge|geometric>")
 
 
-def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] = print) -> list[dict]:
-    """Train and evaluate every variant × seed; returns per-run rows (variant, seed, condition, metrics)."""
+def _run_dir(out: Path, variant: str, seed: int) -> Path:
+    return out / variant.replace(":", "_").replace("+", "_") / f"seed{seed}"
+
+
+def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] = print,
+              on_epoch: Callable[[str, int, dict], None] | None = None,
+              on_step: Callable[[str, int, int, int, int, float], None] | None = None) -> list[dict]:
+    """Train and evaluate every variant × seed; returns per-run rows (variant, seed, condition, metrics).
+
+    log(line): the plan before any work (runs to train, epochs at most, and after the first epoch
+    an estimate of the total time), each run's start and end. on_epoch(variant, seed, record)
+    after every epoch of every run (train_heads' log.jsonl record); without it, one log line.
+    on_step(variant, seed, epoch, step, steps, loss) after every optimizer step (progress bars)."""
     from molt_cache.robustness.evaluate import RobustnessConfig, run_robustness
     from molt_cache.train import train_heads
 
@@ -79,10 +91,33 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] = print) -> list[d
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    epochs = int(cfg.train.get("epochs", TrainConfig.epochs))
+    to_train = [(v, s) for v, _, _ in plans for s in cfg.seeds
+                if not (_run_dir(out, v, s) / "metrics.json").exists()]
+    total_runs = len(plans) * len(cfg.seeds)
+    log(f"sweep: {total_runs} runs ({len(cfg.variants)} variants × {len(cfg.seeds)} seeds), "
+        f"{total_runs - len(to_train)} trained earlier; {len(to_train)} to train × up to {epochs} epochs = "
+        f"up to {len(to_train) * epochs} epochs (early stopping ends runs sooner)")
+    clock = {"t0": time.perf_counter(), "epochs": 0, "estimated": False}
+
+    def epoch_done(variant: str, seed: int, record: dict) -> None:
+        clock["epochs"] += 1
+        if on_epoch:
+            on_epoch(variant, seed, record)
+        else:
+            vals = "  ".join(f"{k}={100 * v:.2f}" for k, v in record.items() if k.startswith("val_"))
+            log(f"{variant} seed {seed} epoch {record['epoch'] + 1}/{epochs}  "
+                f"loss {record.get('train_loss', float('nan')):.4f}  {vals}")
+        if not clock["estimated"]:
+            clock["estimated"] = True
+            per_epoch = (time.perf_counter() - clock["t0"]) / clock["epochs"]
+            log(f"sweep: first epoch took {per_epoch:.1f}s; the whole sweep takes at most about "
+                f"{per_epoch * len(to_train) * epochs / 60:.1f} min of training")
+
     rows: list[dict] = []
     for variant, heads_cfg, reg in plans:
         for seed in cfg.seeds:
-            run_dir = out / variant.replace(":", "_").replace("+", "_") / f"seed{seed}"
+            run_dir = _run_dir(out, variant, seed)
             rows_path = run_dir / "robustness.json"
             if rows_path.exists():
                 log(f"{variant} seed {seed}: done earlier, reusing")
@@ -92,10 +127,15 @@ def run_sweep(cfg: SweepConfig, *, log: Callable[[str], None] = print) -> list[d
                 if run_dir.exists():  # the sweep's own interrupted training: redone from scratch, said aloud
                     log(f"{variant} seed {seed}: removing unfinished run {run_dir} (no metrics.json)")
                     shutil.rmtree(run_dir)
-                log(f"{variant} seed {seed}: training")
+                log(f"{variant} seed {seed}: training ({to_train.index((variant, seed)) + 1} of {len(to_train)})")
                 train_cfg = TrainConfig(**{**cfg.train, "cache": cfg.cache, "run_dir": str(run_dir), "seed": seed,
                                            "reg": reg})
-                train_heads(train_cfg, HeadsConfig(**asdict(heads_cfg)))
+                res = train_heads(train_cfg, HeadsConfig(**asdict(heads_cfg)),
+                                  on_epoch=lambda r, v=variant, s=seed: epoch_done(v, s, r),
+                                  on_step=(lambda e, i, n, loss, v=variant, s=seed: on_step(v, s, e, i, n, loss))
+                                  if on_step else None)
+                log(f"{variant} seed {seed}: best epoch {res.best_epoch + 1} of {res.epochs_run}, "
+                    f"{res.seconds:.1f}s; {time.perf_counter() - clock['t0']:.0f}s into the sweep")
             rob = run_robustness(RobustnessConfig(runs=[str(run_dir)], noise=cfg.noise, missing=cfg.missing,
                                                   levels=["feature"], strategy=cfg.strategy, seed=seed,
                                                   device=cfg.train.get("device", "auto"),

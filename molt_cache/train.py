@@ -178,7 +178,9 @@ def save_run(run_dir: Path, heads, heads_cfg: HeadsConfig, train_cfg: TrainConfi
         "heads": to_dict(heads_cfg),
         "train": to_dict(train_cfg),
         "dims": asdict(dims),
-        "cache": {"dataset": manifest["dataset"], "text": manifest["text"], "image": manifest["image"]},
+        # `extraction` (encoder specs, batching) lets `molt predict` load the same encoders again
+        "cache": {"dataset": manifest["dataset"], "text": manifest["text"], "image": manifest["image"],
+                  "extraction": manifest.get("extraction")},
     }
     (run_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

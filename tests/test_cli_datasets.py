@@ -63,3 +63,21 @@ def test_check_the_bundled_sample():
 def test_every_command_help_shows_an_example(command):
     result = runner.invoke(app, [*command.split(), "--help"])
     assert result.exit_code == 0 and "Example: molt" in result.output
+
+
+def test_check_writes_bad_rows_only_into_the_folder_named(fixtures, tmp_path, monkeypatch):
+    fixture = sorted(BAD)[0]
+    args = ["datasets", "check", "--dataset", BAD[fixture], "--root", str(fixtures[fixture]), "--on-bad", "skip"]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    plain = runner.invoke(app, args)
+    assert plain.exit_code == 0, plain.output
+    assert list(cwd.iterdir()) == []  # nothing lands in the current folder by default
+    assert "pass --report-dir DIR" in plain.output and "bad rows skipped" in plain.output
+    folder = tmp_path / "reports" / "check"
+    named = runner.invoke(app, [*args, "--report-dir", str(folder)])
+    assert named.exit_code == 0, named.output
+    rows = json.loads((folder / "bad_rows.json").read_text())
+    assert rows and f"listed in {folder / 'bad_rows.json'}" in named.output
+    assert list(cwd.iterdir()) == []

@@ -98,3 +98,14 @@ def test_regenerating_reproduces_the_committed_sample(tmp_path):
         a = np.asarray(Image.open(out / "images" / name), dtype=float)
         b = np.asarray(Image.open(SAMPLE_DIR / "images" / name), dtype=float)
         assert np.abs(a - b).mean() < 2.0, name
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_perfect_reader_ceilings_counted_from_the_rows_match_the_analytic_design(split):
+    from data.make_sample import perfect_reader_accuracy
+    from molt_cache.datasets.sample import perfect_reader_ceilings
+
+    counted = perfect_reader_ceilings(split)
+    analytic = perfect_reader_accuracy(split)
+    assert counted == pytest.approx({"image alone": analytic["image"], "text alone": analytic["text"],
+                                     "both": analytic["both"]}, abs=1e-12)

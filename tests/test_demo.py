@@ -40,6 +40,14 @@ def test_tiny_demo_end_to_end_then_reuses_everything(tmp_path):
             assert (model, f"noise {p} on both (input)") in conditions
     assert ("molt", "text absent (feature, translate)") in conditions
     assert (report / "noise_accuracy.png").exists() and "report folder" in first.output
+    out = first.output
+    # the table says how to read it; every file written is named; a log file gets no redraws
+    assert "96 test pairs, seed 0" in out and "translate = MoLT puts" in out and "zero = " in out
+    assert "ceiling (a perfect reader): image alone 50.00%, text alone 64.58%, both 100.00%" in out
+    assert "— = that model was not scored under that condition" in out
+    assert f"wrote {report / 'noise_accuracy.png'}" in out and f"wrote {report / 'results.csv'}" in out
+    assert f"molt run:        {tmp_path / 'tiny' / 'runs' / 'molt'}" in out and "next: molt predict --run" in out
+    assert "\r" not in out
 
     second = runner.invoke(app, args)
     assert second.exit_code == 0, second.output

@@ -196,3 +196,22 @@ def test_loader_applies_perturbation_same_noise_in_any_order(tmp_path):
         for k in range(30):
             clean[k] = batch.text_layers[0][k, : int(batch.text_mask[k].sum())]
     assert not any(torch.equal(a[i], clean[i]) for i in range(30))
+
+
+def test_robustness_plot_starts_at_zero_and_names_split_pairs_and_seed():
+    import matplotlib.pyplot as plt
+
+    from molt_cache.robustness.report import noise_figure
+
+    rows = [{"model": m, "condition": c, "level": lvl, "missing": miss, "noise": p, "noise_on": "both",
+             "split": "test", "pairs": 96, "seed": 3, "accuracy": acc}
+            for m, base in (("molt", 0.9), ("baseline", 0.85))
+            for c, lvl, miss, p, acc in (("clean", "clean", None, 0.0, base),
+                                         ("noise 10% on both (feature)", "feature", None, 0.1, base - 0.02),
+                                         ("text absent (feature, zero)", "feature", "text", 0.0, base - 0.3))]
+    fig = noise_figure(rows, "accuracy")
+    try:
+        assert all(ax.get_ylim()[0] == 0 for ax in fig.axes)
+        assert fig._suptitle.get_text() == "accuracy: 96 test pairs, seed 3"
+    finally:
+        plt.close(fig)

@@ -173,6 +173,10 @@ def test_sweep_table_and_resume(work, tmp_path):
         (v, c) for v in ("molt", "ablate:cca", "reg:bridge") for c in ("clean", "text absent (feature, zero)")}
     assert all(s["seeds"] == 2 for s in summary)
     assert "±" in out
+    # the plan and a time estimate before / at the first epoch; a line per epoch of every run
+    assert "sweep: 6 runs (3 variants × 2 seeds), 0 trained earlier; 6 to train × up to 1 epochs" in out
+    assert "sweep: first epoch took" in out and "min of training" in out
+    assert all(f"{v} seed {s} epoch 1/1" in out for v in ("molt", "ablate:cca", "reg:bridge") for s in (0, 1))
     again = molt(*args)
     assert again.count("done earlier, reusing") == 6
     assert json.loads((tmp_path / "sw" / "summary.json").read_text()) == summary

@@ -27,6 +27,32 @@ def open_sample(root: str | Path | None = None, *, on_bad: OnBad = "error") -> M
     return ManifestReader(folder / "manifest.jsonl", on_bad=on_bad, name="sample")
 
 
+def perfect_reader_ceilings(split: str, root: str | Path | None = None) -> dict[str, float]:
+    """Accuracy a perfect reader reaches on `split` from the image alone, the text alone and both
+    (fractions), counted from the generating factors each manifest row records: the image shows
+    the color and shape, the text the animal and, when `text_names_color`, the color. For each
+    modality, pairs are grouped by what it shows and the reader answers each group's most
+    frequent label. (data/sample/README.md derives the same numbers analytically.)"""
+    import json
+    from collections import Counter, defaultdict
+
+    folder = Path(root) if root is not None else SAMPLE_DIR
+    rows = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("split") == split]
+    if not rows:
+        raise DatasetError(f"no {split!r} rows in {folder / 'manifest.jsonl'}")
+
+    def ceiling(sees) -> float:
+        groups: dict[tuple, Counter] = defaultdict(Counter)
+        for r in rows:
+            groups[sees(r["attributes"])][r["label"]] += 1
+        return sum(max(c.values()) for c in groups.values()) / len(rows)
+
+    return {"image alone": ceiling(lambda a: (a["color"], a["shape"])),
+            "text alone": ceiling(lambda a: (a["animal"], a["color"] if a["text_names_color"] else None)),
+            "both": ceiling(lambda a: (a["color"], a["shape"], a["animal"]))}
+
+
 def open_openclipart_sample(root: str | Path | None = None, *, on_bad: OnBad = "error") -> ManifestReader:
     folder = Path(root) if root is not None else OPENCLIPART_SAMPLE_DIR
     if not (folder / "manifest.jsonl").is_file():

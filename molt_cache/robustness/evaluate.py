@@ -165,6 +165,7 @@ def run_robustness(cfg: RobustnessConfig, *, log: Callable[[str], None] = print,
             strategy = cfg.strategy if cond.missing and cond.level == "feature" else "zero"
             metrics = evaluate(heads, loader, device, heads_cfg.multi_label, missing_strategy=strategy)
             rows.append({"model": label, "run": str(run), "condition": cond.name, "level": cond.level,
+                         "split": cfg.split, "pairs": split.num_pairs, "seed": cfg.seed,
                          "missing": cond.missing, "noise": cond.noise, "noise_on": cond.noise_on, **metrics})
             log(f"{label:>10}  {cond.name:<36} " + "  ".join(f"{k}={100 * v:.2f}" for k, v in metrics.items()))
     return rows

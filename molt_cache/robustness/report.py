@@ -14,16 +14,55 @@ def metric_keys(rows: list[dict]) -> list[str]:
     return [k for k in METRIC_NAMES if rows and k in rows[0]]
 
 
-def robustness_table(rows: list[dict], title: str = "Robustness") -> Table:
-    """Rows: model × condition, the clean row of each model first; metrics in percent."""
+STRATEGY_NOTES = {
+    "zero": "zero = the absent modality's features are zeros",
+    "translate": "translate = MoLT puts the present modality's common-space states in place of the absent one's "
+                 "(the baseline has no common space: '—')",
+    "empty": "empty = an empty text / a blank gray image run through the frozen encoder",
+}
+BLANK = "—"
+
+
+def _describe(rows: list[dict]) -> str:
+    """'96 test pairs, seed 0' from the rows (several values listed when they differ)."""
+    def values(key):
+        return sorted({r[key] for r in rows if r.get(key) is not None}, key=str)
+    pairs, splits, seeds = values("pairs"), values("split"), values("seed")
+    parts = []
+    if pairs or splits:
+        parts.append(f"{'/'.join(map(str, pairs)) or '?'} {'/'.join(splits) or ''} pairs".replace("  ", " "))
+    if seeds:
+        parts.append(f"seed {'/'.join(map(str, seeds))}")
+    return ", ".join(parts)
+
+
+def robustness_table(rows: list[dict], title: str = "Robustness", *,
+                     ceilings: dict[str, float] | None = None) -> Table:
+    """One row per condition (clean first), one column per model × metric, in percent; a cell is
+    '—' where that model was not scored under that condition. The caption says what is behind
+    each number (pairs, split, seed), what each strategy means and, when given, each modality's
+    ceiling (`ceilings`: {"image alone": 0.5, ...}, fractions)."""
     keys = metric_keys(rows)
+    models = list(dict.fromkeys(r["model"] for r in sorted(rows, key=lambda r: r["model"] != "molt")))
+    conditions = list(dict.fromkeys(["clean"] + [r["condition"] for r in rows]))
+    cell = {(r["model"], r["condition"]): r for r in rows}
     table = Table(title=title)
-    table.add_column("model")
     table.add_column("condition")
-    for k in keys:
-        table.add_column(k, justify="right")
-    for r in sorted(rows, key=lambda r: (r["model"], r["condition"] != "clean")):
-        table.add_row(r["model"], r["condition"], *(f"{100 * r[k]:.2f}" for k in keys))
+    for m in models:
+        for k in keys:
+            table.add_column(f"{m}\n{k} %", justify="right")
+    for c in conditions:
+        table.add_row(c, *(f"{100 * cell[m, c][k]:.2f}" if (m, c) in cell else BLANK for m in models for k in keys))
+    notes = [f"each number: one trained run per model, scored on {_describe(rows)}" if _describe(rows) else
+             "each number: one trained run per model"]
+    notes.append("feature level perturbs the cached states; input level re-runs the encoders on perturbed inputs")
+    strategies = [s for s in STRATEGY_NOTES if any(f", {s})" in c for c in conditions)]
+    notes += [STRATEGY_NOTES[s] for s in strategies]
+    if any((m, c) not in cell for m in models for c in conditions):
+        notes.append(f"{BLANK} = that model was not scored under that condition")
+    if ceilings:
+        notes.append("ceiling (a perfect reader): " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in ceilings.items()))
+    table.caption = "\n".join(notes)
     return table
 
 
@@ -80,8 +119,19 @@ def write_report(rows: list[dict], report_dir: str | Path, config: dict) -> dict
 
 
 def plot_noise_curves(rows: list[dict], metric: str, path: Path) -> Path:
+    """noise_figure(rows, metric) saved as a PNG at `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = noise_figure(rows, metric)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def noise_figure(rows: list[dict], metric: str):
     """Left: metric vs noise level, one line per model × level, the clean score at noise 0.
-    Right: the missing-modality conditions as grouped bars, one group per condition."""
+    Right: the missing-modality conditions as grouped bars, one group per condition. Both y axes
+    start at 0; the title names the split, the number of pairs and the seed."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers; PNG only
@@ -105,6 +155,7 @@ def plot_noise_curves(rows: list[dict], metric: str, path: Path) -> Path:
                         linestyle="-" if level == "feature" else "--", label=f"{model} ({level})")
     ax.set_xlabel("Gaussian noise p (% of per-sample std)")
     ax.set_ylabel(f"{metric} (%)")
+    ax.set_ylim(bottom=0)  # from 0: a small drop must not look like a collapse
     ax.set_title("noise")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # no noise levels asked: an empty panel, no legend
@@ -121,8 +172,9 @@ def plot_noise_curves(rows: list[dict], metric: str, path: Path) -> Path:
     bx.set_ylabel(f"{metric} (%)")
     bx.set_title("missing modality")
     bx.grid(alpha=0.3, axis="y")
+    bx.set_ylim(bottom=0)
     bx.legend(fontsize=7)
+    described = _describe(rows)
+    fig.suptitle(f"{metric}: {described}" if described else metric, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
