@@ -57,5 +57,7 @@ def demo(
     console.print(f"report folder:   {result.report_dir}", markup=False, highlight=False)
     for path in result.report_files.values():
         console.print(f"  wrote {path}", markup=False, highlight=False)
-    console.print(f"next: molt predict --run {result.runs['molt']} --image data/sample/images/img_000.jpg "
-                  f"--text \"a photo of a cat\"", markup=False, highlight=False)
+    example = ("data/sample/images/img_000.jpg", "a photo of a cat") if dataset == "sample" else \
+        ("data/openclipart_sample/images/animals__bat_orlando_karam_.png", "bat. mammal")
+    console.print(f"next: molt predict --run {result.runs['molt']} --image {example[0]} --text \"{example[1]}\"",
+                  markup=False, highlight=False)

@@ -46,7 +46,7 @@ def test_tiny_demo_end_to_end_then_reuses_everything(tmp_path):
     assert "ceiling (a perfect reader): image alone 50.00%, text alone 64.58%, both 100.00%" in out
     assert "— = that model was not scored under that condition" in out
     assert f"wrote {report / 'noise_accuracy.png'}" in out and f"wrote {report / 'results.csv'}" in out
-    assert f"molt run:        {tmp_path / 'tiny' / 'runs' / 'molt'}" in out and "next: molt predict --run" in out
+    assert f"molt run:        {tmp_path / 'sample' / 'tiny' / 'runs' / 'molt'}" in out and "next: molt predict --run" in out
     assert "\r" not in out
 
     second = runner.invoke(app, args)
