@@ -7,7 +7,7 @@ Three layers, cheapest first:
   checked by zarr on every read; `read_checked` turns zarr's anonymous "checksum do not match"
   into a `CacheCorruptError` naming the array, the chunk, its rows and the file, and the repair.
 - content hashes: each completion record lists the sha256 of the files its work wrote
-  (`file_sha256`); `find_damage` compares them, which is how `molt extract` rerun finds exactly
+  (`sha256_file`); `find_damage` compares them, which is how `molt extract` rerun finds exactly
   the units to re-do, and a copied or swapped-in file that is itself well-formed is caught too.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ import zarr
 
 from molt_cache.cache.layout import CREATED_MARKER, POOLED_RECORD, PROGRESS_DIR
 from molt_cache.cache.errors import CacheCorruptError
+from molt_cache.checksums import sha256_file
 
 MAX_UINT64 = np.uint64(2**64 - 1)  # a shard index entry with this offset: chunk absent
 
@@ -123,16 +124,8 @@ def read_checked(arr: zarr.Array, lo: int | None = None, hi: int | None = None) 
 # -- content hashes -----------------------------------------------------------------------------
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def hash_files(root: Path, rel_paths: Iterable[str]) -> dict[str, str]:
-    return {rel: file_sha256(Path(root) / rel) for rel in rel_paths}
+    return {rel: sha256_file(Path(root) / rel) for rel in rel_paths}
 
 
 def array_files(arr: zarr.Array, *, with_metadata: bool = True) -> list[str]:
@@ -180,7 +173,7 @@ def stale_files(root: Path, files: dict[str, str]) -> list[str]:
     core: hashlib releases the GIL on large blocks, and a rerun hashes the whole cache."""
     def stale(item: tuple[str, str]) -> bool:
         p = Path(root) / item[0]
-        return not p.is_file() or file_sha256(p) != item[1]
+        return not p.is_file() or sha256_file(p) != item[1]
 
     items = list(files.items())
     if len(items) < 4:

@@ -122,7 +122,7 @@ def load_open_clip_encoder(model_name: str, *, weights: str | None, device: torc
     load the state dict strictly, keep only the visual tower."""
     import open_clip
 
-    from .runtime import sha256_file
+    from molt_cache.checksums import sha256_file
 
     if weights is None:
         raise ValueError(f"open_clip:{model_name} needs weights=<local checkpoint path> "

@@ -174,7 +174,7 @@ def load_timm_encoder(model_name: str, *, weights: str | None, device: torch.dev
     the head is removed)."""
     import timm
 
-    from .runtime import sha256_file
+    from molt_cache.checksums import sha256_file
 
     if weights is None:
         raise ValueError(f"timm:{model_name} needs weights=<local checkpoint path> "

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import torch
+
+from molt_cache.checksums import sha256_file  # noqa: F401 - re-exported for existing callers
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           # the storage names (EncoderIdentity.dtype, the cache manifest) are accepted too
@@ -32,14 +33,6 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sha256_state_dict(module: torch.nn.Module) -> str:

