@@ -8,8 +8,12 @@ reports an accuracy. So:
 - `check_batch` (stage one): every batch's stored arrays, real tokens only, in the storage dtype
   (a float32 value can still overflow float16 storage), before anything is written; the error
   names the modality, array and item, and `extract` adds the split and sample id.
-- `check_step` (train-heads): the loss, and the gradients when no fp16 GradScaler is active (with
-  one, an inf gradient is the scaler's signal to skip a step and lower its scale).
+- `StepGuard` (train-heads): the loss, and the gradients when no fp16 GradScaler is active (with
+  one, an inf gradient is the scaler's signal to skip a step and lower its scale), checked on the
+  device every step; a non-finite step leaves the heads and the optimizer state as they were (the
+  update is masked on the device), and the host reads the verdict back only every few steps and at
+  the epoch's end, before anything is evaluated or saved: no host sync per step on a GPU.
+  `check_step` raises the same error at once (the forward's own errors, e.g. `eigh` on NaN).
 - `scan_split` (robustness): a cache written before these checks existed is read through once.
 """
 from __future__ import annotations
@@ -80,7 +84,9 @@ def check_step(*, loss: torch.Tensor | None = None, params: list[torch.nn.Parame
     """Stop training on a non-finite `loss`, a non-finite gradient of `params`, or an `error` the
     forward raised (e.g. `eigh` on NaN) when the batch's cached features are non-finite. Names the
     epoch, the step (1-based within the epoch), the pairs of the batch and those whose features are
-    inf/NaN; the best checkpoint so far stays as saved. Returns when nothing is non-finite."""
+    inf/NaN; the best checkpoint so far stays as saved. Returns when nothing is non-finite.
+    Reads the device at once (a host sync): the training loop uses `StepGuard` instead and calls
+    this only when the forward raised."""
     what = None
     if loss is not None and not bool(torch.isfinite(loss.detach()).all()):
         what = f"loss ({float(loss.detach())})"
@@ -96,25 +102,126 @@ def check_step(*, loss: torch.Tensor | None = None, params: list[torch.nn.Parame
         what = f"cached features ({type(error).__name__} in the forward: {str(error)[:120]})"
     if what is None:
         return
-    pairs = batch.index.tolist()
+    raise _stop_error(what, epoch, step, batch.index.tolist(), nonfinite_pairs, best_epoch, run_dir) from error
+
+
+def _stop_error(what: str, epoch: int, step: int, pairs: list[int], nonfinite_pairs: list[int], best_epoch: int,
+                run_dir: Any) -> NonFiniteError:
     kept = (f"the best checkpoint so far (epoch {best_epoch}) is left in {run_dir}" if best_epoch >= 0 else
             f"no epoch finished, so {run_dir} holds the initial heads")
     cause = (f"pairs with non-finite cached features: {nonfinite_pairs} (re-extract the cache with "
              f"--dtype bfloat16 or --dtype float32)" if nonfinite_pairs else
              "the cached features of this batch are finite (lower --lr, or train with --amp bf16 or off)")
-    raise NonFiniteError(f"non-finite {what} at epoch {epoch}, step {step}; batch pairs {pairs}; {cause}; {kept}") \
-        from error
+    return NonFiniteError(f"non-finite {what} at epoch {epoch}, step {step}; batch pairs {pairs}; {cause}; {kept}")
+
+
+def nonfinite_pair_mask(batch: Any) -> torch.Tensor:
+    """(B,) bool on the batch's device: which pairs' cached features hold inf/NaN. Device work only
+    (no host sync); a deduplicated batch is checked once per image and the verdict gathered to pairs."""
+    def bad_rows(t: torch.Tensor) -> torch.Tensor:
+        flat = t.detach().reshape(t.shape[0], -1)
+        if flat.shape[1] == 0:
+            return torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
+        lo, hi = torch.aminmax(flat, dim=1)  # NaN propagates; ±inf shows in min or max; one pass, no (B, T, D) bool
+        return ~(torch.isfinite(lo) & torch.isfinite(hi))
+
+    text = [*batch.text_layers, batch.text_final, batch.text_pooled]
+    image = [*batch.image_layers, batch.image_final, batch.image_pooled]
+    rows = torch.stack([bad_rows(t) for t in {id(t): t for t in text}.values()]).any(0)
+    image_bad = torch.stack([bad_rows(t) for t in {id(t): t for t in image}.values()]).any(0)
+    if batch.image_rows is not None:
+        image_bad = image_bad.index_select(0, batch.image_rows)
+    return rows | image_bad.to(rows.device)
 
 
 def nonfinite_rows(batch: Any) -> list[int]:
-    """Pair indices of a FeatureBatch whose cached features hold inf/NaN."""
-    batch = batch.per_pair()  # the feature store's batches hold each image once: one row per pair here
-    feats = [*batch.text_layers, batch.text_final, batch.text_pooled, *batch.image_layers, batch.image_final,
-             batch.image_pooled]
-    rows = torch.zeros(batch.size, dtype=torch.bool)
-    for t in feats:
-        rows |= (~torch.isfinite(t.detach().float())).reshape(t.shape[0], -1).any(-1).cpu()
-    return batch.index.cpu()[rows].tolist()
+    """Pair indices of a FeatureBatch whose cached features hold inf/NaN (reads the device)."""
+    return batch.index[nonfinite_pair_mask(batch).to(batch.index.device)].tolist()
+
+
+class StepGuard:
+    """The optimizer step of `train-heads`, never taken on a non-finite loss or gradient, without a
+    host sync per step (issue 13: a GPU must not wait for the host every step).
+
+    Each step: the loss (and, without an fp16 GradScaler, every gradient) is checked on the device;
+    the Adam update is computed as usual and then kept only where that flag is true (`torch.where`
+    on the parameters and the optimizer's moment tensors), so a finite step is bit for bit the
+    plain `optimizer.step()` and a non-finite one changes nothing on the device. With an fp16
+    scaler, the scaler skips steps with inf/NaN gradients itself (torch's GradScaler reads its
+    flag back for a non-fused optimizer: that sync is torch's, see docs/heads.md).
+
+    The first non-finite step of the epoch is recorded on the device; `readback` (every LOG_EVERY
+    steps and at the epoch's end, before evaluating or saving) reads it with one transfer and
+    raises NonFiniteError naming the epoch, the step, the batch's pairs and those with non-finite
+    cached features, the same message as `check_step`. Steps after a non-finite one (until that
+    readback) train on from the unchanged heads; Adam's host-side step count still advances, which
+    is moot since the run stops there. What is kept per pending step: the batch's pair ids, its
+    per-pair feature verdict, the loss and the count of bad gradients (small device tensors)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], *, check_grads: bool,
+                 device: torch.device):
+        self.optimizer, self.params, self.check_grads, self.device = optimizer, params, check_grads, device
+        self.first_bad = torch.zeros((), dtype=torch.int64, device=device)  # step number, 0 = none yet
+        self.pending: dict[int, tuple] = {}  # step -> (loss, bad gradient tensors, grad tensors, pairs, bad pairs)
+
+    def step(self, scaler: torch.amp.GradScaler, loss: torch.Tensor, batch: Any, step: int) -> None:
+        """After `scaler.scale(loss).backward()`: check, record, and step (or not) on the device."""
+        loss = loss.detach()
+        ok = torch.isfinite(loss)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        bad_grads = torch.zeros((), dtype=torch.int64, device=loss.device)
+        if self.check_grads and grads:
+            bad_grads = (~torch.stack([torch.isfinite(g).all() for g in grads])).sum()
+            ok = ok & (bad_grads == 0)
+        self.first_bad = torch.where((self.first_bad == 0) & ~ok, step, self.first_bad)
+        self.pending[step] = (loss, bad_grads, len(grads), batch.index, nonfinite_pair_mask(batch))
+        if scaler.is_enabled():
+            scaler.step(self.optimizer)  # skips non-finite gradients itself
+        else:
+            self._masked_step(ok)
+
+    def _masked_step(self, ok: torch.Tensor) -> None:
+        # what the update may change: the parameters with a gradient and their moment tensors
+        # (Adam's `step` count lives on the host for a non-capturable optimizer: not masked)
+        live = [p for p in self.params if p.grad is not None]
+        before = [(p, p.detach().clone()) for p in live]
+        before += [(v, v.clone()) for p in live for k, v in self.optimizer.state.get(p, {}).items()
+                   if k != "step" and torch.is_tensor(v) and v.is_floating_point()]
+        known = {id(t) for t, _ in before}
+        self.optimizer.step()
+        with torch.no_grad():
+            for t, old in before:
+                t.copy_(torch.where(ok, t, old))
+            for p in live:  # moments created by this step (the first one): as Adam initialises them, zeros
+                for k, v in self.optimizer.state.get(p, {}).items():
+                    if k != "step" and torch.is_tensor(v) and v.is_floating_point() and id(v) not in known:
+                        v.copy_(torch.where(ok, v, torch.zeros_like(v)))
+
+    def readback(self, *, epoch: int, best_epoch: int, run_dir: Any, loss: torch.Tensor | None = None) -> float | None:
+        """One device read: raise NonFiniteError for the first non-finite step since the last
+        readback; else forget the pending steps and return `loss` as a float (read in the same
+        transfer: the progress bar's value), or None."""
+        if not self.pending and loss is None:
+            return None
+        values = torch.stack([self.first_bad.double(), (loss if loss is not None else self.first_bad).detach().double()])
+        first, value = values.tolist()
+        if first:
+            step = int(first)
+            step_loss, bad_grads, n_grads, index, bad_pairs = self.pending[step]
+            if not bool(torch.isfinite(step_loss)):
+                what = f"loss ({float(step_loss)})"
+            else:
+                what = f"gradient ({int(bad_grads)} of {n_grads} parameter tensors)"
+            pairs = index.tolist()
+            raise _stop_error(what, epoch, step, pairs, index[bad_pairs.to(index.device)].tolist(), best_epoch,
+                              run_dir)
+        self.pending.clear()
+        return value if loss is not None else None
+
+    def readback_pending(self, **where) -> None:
+        """Before reporting an error the forward raised: an earlier non-finite step is its cause."""
+        if self.pending:
+            self.readback(**where)
 
 
 def scan_split(split: Any, chunk_rows: int = 65536) -> None:

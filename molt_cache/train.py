@@ -22,7 +22,7 @@ from molt_cache.batch import FeatureBatch
 from molt_cache.cache.store import FeatureStore, choose_placement, make_batches
 from molt_cache.cache.reader import CacheReader, check_compatible, open_cache
 from molt_cache.config import HeadsConfig, TrainConfig, from_dict, to_dict
-from molt_cache.finite import check_step
+from molt_cache.finite import StepGuard, check_step
 from molt_cache.heads.model import FeatureDims, build_heads
 from molt_cache.losses.task import task_loss
 from molt_cache.metrics import compute_metrics, primary_metric
@@ -117,18 +117,19 @@ def training_step(heads, batch: FeatureBatch, cfg: TrainConfig, heads_cfg: Heads
 @torch.no_grad()
 def predict(heads, loader, device: torch.device, *, missing_strategy: str = "zero",
             amp: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and targets over a loader, in loader order."""
+    """Logits and targets over a loader, in loader order. They stay on the device until the end:
+    one read per evaluation, not one per batch."""
     heads.eval()
     logits, targets = [], []
     for batch in loader:
-        batch = batch.to(device)
+        batch = batch.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = heads(for_heads(heads, batch), missing_strategy=missing_strategy)
-        logits.append(out.logits.float().cpu().numpy())
-        targets.append(batch.targets.cpu().numpy())
+        logits.append(out.logits.float())
+        targets.append(batch.targets)
     if not logits:
         raise ValueError("evaluation split is empty")
-    return np.concatenate(logits), np.concatenate(targets)
+    return torch.cat(logits).cpu().numpy(), torch.cat([t.to(device) for t in targets]).cpu().numpy()
 
 
 def evaluate(heads, loader, device: torch.device, multi_label: bool, *, missing_strategy: str = "zero",
@@ -155,9 +156,9 @@ def held_out_correlations(heads, loader, device: torch.device, top_k: int) -> di
         if not per_layer:
             per_layer = [([], []) for _ in out.common]
         for (imgs, txts), s in zip(per_layer, out.common):
-            imgs.append(s.image.float().cpu())
-            txts.append(s.text.float().cpu())
-    h = [(torch.cat(i), torch.cat(t)) for i, t in per_layer]
+            imgs.append(s.image.float())
+            txts.append(s.text.float())
+    h = [(torch.cat(i).cpu(), torch.cat(t).cpu()) for i, t in per_layer]  # read once per layer, not per batch
     n, d = h[0][0].shape
     if n <= d:
         return {"skipped": f"split has {n} pairs, not more than d_c={d}: sample correlations would be inflated"}
@@ -302,6 +303,7 @@ def train_heads(cfg: TrainConfig, heads_cfg: HeadsConfig, *,
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     # GradScaler only for fp16: bf16 has fp32's range and needs no loss scaling.
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    guard = StepGuard(optimizer, params, check_grads=not scaler.is_enabled(), device=device)
 
     def splits(name: str):
         return [r.split(name) for r in readers if name in r.splits]
@@ -347,33 +349,35 @@ def train_heads(cfg: TrainConfig, heads_cfg: HeadsConfig, *,
         steps = 0
         shown_loss = float("nan")
         train_loader = loader(train_splits, shuffle=True, epoch=epoch, perturb_fn=training_perturb(cfg, missing_table, epoch))
+        where = dict(epoch=epoch, best_epoch=best_epoch, run_dir=run_dir)
         for batch in train_loader:
             if batch.size < 2:  # DCCA needs two samples; a lone last pair (a different one each epoch) waits
                 continue
             batch = batch.to(device, non_blocking=True)
-            where = dict(epoch=epoch, step=steps + 1, batch=batch, best_epoch=best_epoch, run_dir=run_dir)
             try:
                 loss, parts = training_step(heads, batch, cfg, heads_cfg, regularizers, amp, device)
             except RuntimeError as e:  # e.g. eigh on NaN features: say so when that is the cause
-                check_step(error=e, **where)
+                guard.readback_pending(**where)  # an earlier non-finite step, if any, came first
+                check_step(error=e, step=steps + 1, batch=batch, **where)
                 raise
-            check_step(loss=loss, **where)  # never train on NaN; the best checkpoint stays as saved
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if not scaler.is_enabled():  # with an fp16 scaler, inf gradients are its cue to skip a step
-                check_step(params=params, **where)
-            scaler.step(optimizer)
+            # never train on NaN: a non-finite step changes nothing on the device; the host
+            # learns of it at the next readback, before anything is evaluated or saved
+            guard.step(scaler, loss, batch, steps + 1)
             scaler.update()
             parts["loss"] = loss.detach()
             for k, v in parts.items():
                 sums[k] = sums[k] + v if k in sums else v.float().clone()
             steps += 1
+            if steps % LOG_EVERY == 1 or steps == len(train_loader):  # the only host reads of the epoch
+                shown_loss = guard.readback(loss=parts["loss"], **where)
             if on_step:
-                if steps % LOG_EVERY == 1 or steps == len(train_loader):
-                    shown_loss = float(parts["loss"])
                 on_step(epoch, steps, len(train_loader), shown_loss)
+        guard.readback(**where)  # the epoch's last steps, before evaluating and saving
         val = evaluate(heads, loader(val_splits, shuffle=False), device, heads_cfg.multi_label, amp=amp)
-        record = {"epoch": epoch, **{f"train_{k}": float(v) / max(steps, 1) for k, v in sums.items()},
+        means = (torch.stack(list(sums.values())) / max(steps, 1)).tolist() if sums else []  # one read
+        record = {"epoch": epoch, **{f"train_{k}": v for k, v in zip(sums, means)},
                   **{f"val_{k}": v for k, v in val.items()}, "seconds": time.perf_counter() - t0}
         with log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
