@@ -11,7 +11,7 @@ of each affected image instead, so the other pairs sharing it keep theirs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -100,8 +100,8 @@ def _drop(batch: FeatureBatch, modality: str, rows: torch.Tensor, strategy: str)
     """Mark `modality` absent for the samples where rows (B,) bool is True, and zero its features
     there (for "translate" too: the heads substitute, and nothing of the absent modality leaks)."""
     _check("missing strategy", strategy, STRATEGIES)
-    if not bool(rows.any()):
-        return batch
+    if rows.device.type == "cpu" and not bool(rows.any()):
+        return batch  # nothing to drop (asked only where it is free: on a GPU it would be a host sync)
     if modality == "image" and batch.image_rows is not None:
         return _drop_shared_images(batch, rows)
     layers_f, final_f, pooled_f, _, present_f = _fields(modality)
@@ -121,7 +121,12 @@ def _drop(batch: FeatureBatch, modality: str, rows: torch.Tensor, strategy: str)
 
 def _drop_shared_images(batch: FeatureBatch, rows: torch.Tensor) -> FeatureBatch:
     """`_drop` of the image for a deduplicated batch: one image row per distinct (image, dropped)
-    combination, the dropped copies zeroed (mask kept, as in the per-pair layout)."""
+    combination, the dropped copies zeroed (mask kept, as in the per-pair layout).
+
+    On a GPU, `torch.unique` reads its size back (a host sync per such batch). Left so on
+    purpose: the sync-free layout (every image twice, kept and zeroed: 2U rows) would double the
+    heads' image-side work, most of a step's FLOPs at the paper's widths when images are not
+    shared (by count, not measured on a GPU)."""
     device = batch.image_rows.device
     key = batch.image_rows * 2 + rows.to(device).long()  # (B,) image row, dropped?
     combos, new_rows = torch.unique(key, return_inverse=True)  # sorted: (U',)
@@ -142,7 +147,7 @@ def missing(batch: FeatureBatch, which: str, strategy: str) -> FeatureBatch:
     """The whole batch without `which` ("text" | "image"): presence False, features zero; the
     mask is unchanged (it describes the stored tokens)."""
     _check("missing modality", which, MODALITIES)
-    return _drop(batch, which, torch.ones(batch.size, dtype=torch.bool), strategy)
+    return _drop(batch, which, torch.ones(batch.size, dtype=torch.bool, device=batch.text_present.device), strategy)
 
 
 @dataclass
@@ -154,6 +159,9 @@ class MissingTable:
     floor(half) of those lack the image and the rest the text."""
 
     kinds: np.ndarray  # (num_pairs,) uint8
+    # the table as a tensor, copied once per device it is applied on (the device path indexes it
+    # there: no per-batch round trip of the pair ids)
+    _on_device: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def sample(cls, num_pairs: int, rate: float, missing_type: str, seed: int) -> "MissingTable":
@@ -181,12 +189,24 @@ class MissingTable:
     def counts(self) -> dict[str, int]:
         return {name: int((self.kinds == code).sum()) for code, name in enumerate(_KIND_NAMES)}
 
+    def on(self, device: torch.device) -> torch.Tensor:
+        """The table as a (num_pairs,) uint8 tensor on `device` (copied there once)."""
+        device = torch.device(device)
+        if device not in self._on_device:
+            self._on_device[device] = torch.from_numpy(self.kinds).to(device)
+        return self._on_device[device]
+
     def apply(self, batch: FeatureBatch, strategy: str) -> FeatureBatch:
-        index = batch.index.cpu().numpy()
-        if len(index) and int(index.max()) >= len(self.kinds):
+        """Drop each pair's modality per the table, where the batch lives. On the CPU the pair
+        ids are checked against the table first (IndexError); on a GPU that check would read the
+        device back every batch, and the out-of-range gather fails there instead (device assert).
+        A deduplicated batch that loses some images needs `torch.unique` (a data-dependent size:
+        one host sync on a GPU, see `_drop_shared_images`)."""
+        index = batch.index
+        if index.device.type == "cpu" and len(index) and int(index.max()) >= len(self.kinds):
             raise IndexError(f"pair index {int(index.max())} outside the missing table of "
                              f"{len(self.kinds)} pairs (sampled for another split?)")
-        kinds = torch.from_numpy(self.kinds[index].astype(np.int64))
+        kinds = self.on(index.device).index_select(0, index)
         batch = _drop(batch, "text", kinds == 1, strategy)
         return _drop(batch, "image", kinds == 2, strategy)
 

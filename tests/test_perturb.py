@@ -157,6 +157,55 @@ def test_missing_table_apply_per_pair():
         MissingTable.sample(10, 0.5, "audio", 0)
 
 
+def _apply_as_before(table: MissingTable, batch: FeatureBatch, strategy: str) -> FeatureBatch:
+    """The table lookup as it was before the device path: pair ids read back, numpy indexing."""
+    from molt_cache.perturb import _drop
+
+    kinds = torch.from_numpy(table.kinds[batch.index.cpu().numpy()].astype(np.int64))
+    return _drop(_drop(batch, "text", kinds == 1, strategy), "image", kinds == 2, strategy)
+
+
+def assert_batches_equal(a: FeatureBatch, b: FeatureBatch) -> None:
+    for name in ("text_present", "image_present", "text_mask", "image_mask", "index", "targets"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for modality in ("text", "image"):
+        for x, y in zip(arrays(a, modality), arrays(b, modality)):
+            assert torch.equal(x, y), modality
+    assert (a.text_final is a.text_layers[-1]) == (b.text_final is b.text_layers[-1])
+
+
+@pytest.mark.parametrize("strategy", ["zero", "translate"])
+def test_missing_table_on_the_device_gives_the_host_lookups_numbers(strategy):
+    """The table is indexed where the batch lives (one copy per device, kept); same batches as the
+    numpy lookup it replaces, for every missing type and a batch where nothing is dropped."""
+    batch = make_batch([3, 17, 0, 9, 12, 4, 11, 19])
+    for kind in ("both", "text", "image"):
+        t = MissingTable.sample(20, 0.5, kind, seed=1)
+        assert_batches_equal(_apply_as_before(t, batch, strategy), t.apply(batch, strategy))
+        assert t.on("cpu") is t.on(torch.device("cpu")) and t.on("cpu").tolist() == t.kinds.tolist()
+    none = MissingTable(np.zeros(20, np.uint8))
+    assert none.apply(batch, strategy).text_layers[0] is batch.text_layers[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (GPU check)")
+def test_missing_table_and_missing_on_cuda_match_the_cpu_and_do_not_sync():
+    """On a GPU: per-pair batches lose their modality without any host sync (no `rows.any()`,
+    no pair ids read back) and with the CPU's numbers."""
+    batch = make_batch([3, 17, 0, 9, 12, 4, 11, 19])
+    table = MissingTable.sample(20, 0.5, "both", seed=1)
+    gpu = batch.to("cuda")
+    table.on("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = table.apply(gpu, "zero")
+        gone = missing(gpu, "image", "zero")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_batches_equal(table.apply(batch, "zero"), out.to("cpu"))
+    assert_batches_equal(missing(batch, "image", "zero"), gone.to("cpu"))
+
+
 def test_make_perturb_composes_missing_then_noise():
     assert make_perturb(0.0, "both", None, "zero", 0) is None
     assert make_perturb(0.0, "both", MissingTable.sample(9, 0.0, "both", 0), "zero", 0) is None
