@@ -22,6 +22,7 @@ def robustness(
     split: Annotated[str, typer.Option()] = "test",
     cache: Annotated[str, typer.Option(help="Evaluate on this cache instead of the one the runs were trained on.")] = "",
     device: Annotated[str, typer.Option()] = "auto",
+    store: Annotated[str, typer.Option(help="Where the evaluated split's features live, as in train-heads: auto (the fastest that fits) | device | host | stream.")] = "auto",
     report_dir: Annotated[str, typer.Option(help="Folder for results.json/csv and plots.")] = "reports/robustness",
 ):
     """Evaluate trained heads with a modality absent or noised, like the paper's Table 3.
@@ -38,7 +39,7 @@ def robustness(
             missing=[] if missing.strip() == "none" else [x.strip() for x in missing.split(",") if x.strip()],
             noise_on=noise_on, strategy=strategy, missing_rate=missing_rate, missing_type=missing_type,
             seed=seed, split=split,
-            cache=cache, device=device, report_dir=report_dir)
+            cache=cache, device=device, store=store, report_dir=report_dir)
         print_config("robustness", cfg)
         with ExtractBars(console) as bars:  # input-level conditions extract perturbed caches
             rows = run_robustness(cfg, log=console.print, extract_callbacks=bars.callbacks())

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
-from molt_cache.cache.loader import make_loader
-from molt_cache.cache.reader import open_cache
+from molt_cache.cache.reader import CacheSplit, open_cache
+from molt_cache.cache.store import PLACEMENTS, FeatureStore, choose_placement, make_batches
 from molt_cache.finite import scan_split
 from molt_cache.perturb import MissingTable, make_perturb
 from molt_cache.train import check_run_matches_cache, evaluate, load_run, resolve_device
@@ -41,7 +41,8 @@ class RobustnessConfig:
     report_dir: str = "reports/robustness"
     input_cache_root: str = ""  # where input-level caches go; default: beside the run's cache
     cache: str = ""  # override the cache the runs were trained on
-    in_memory: bool = False  # load each evaluated split once per run, not once per condition (needs the RAM)
+    store: str = "auto"  # where the evaluated split's features live, as in train-heads: auto | device | host | stream
+    in_memory: bool = False  # alias of store="host"
 
     NUMERIC: ClassVar[dict[str, Range]] = {"noise": NON_NEGATIVE, "missing_rate": FRACTION,
                                            "seed": NON_NEGATIVE_INT, "batch_size": COUNT}
@@ -66,6 +67,10 @@ class RobustnessConfig:
             raise ValueError(f"unknown --missing-type {self.missing_type!r}; valid: text, image, both")
         if any(p < 0 for p in self.noise):
             raise ValueError(f"noise levels must be >= 0, got {self.noise}")
+        if self.store not in PLACEMENTS:
+            raise ValueError(f"unknown --store {self.store!r}; valid: {list(PLACEMENTS)}")
+        if self.in_memory and self.store not in ("auto", "host"):
+            raise ValueError(f"in_memory means --store host; it contradicts --store {self.store}")
         if not self.runs:
             raise ValueError("no run given: pass --run RUN_DIR (made by `molt train-heads`)")
 
@@ -131,12 +136,46 @@ def input_level_cache(base_cache: Path, manifest: dict, cond: Condition, cfg: Ro
     return out
 
 
+class SplitStores:
+    """The evaluated splits' feature stores, with the placement train-heads would choose (printed
+    once per split). A split evaluated under feature-level conditions (`keep`) is loaded once and
+    shared by every run and condition; an input-level split (its own perturbed cache) is held only
+    until the next one comes, so memory holds at most two splits. `stream` (or a split that fits
+    nowhere) reads from disk per batch."""
+
+    def __init__(self, store: str, device, log: Callable[[str], None]):
+        self.store, self.device, self.log = store, device, log
+        self.kept: dict[tuple[str, str], FeatureStore | None] = {}
+        self.last: tuple[tuple[str, str], FeatureStore | None] | None = None
+
+    def _store(self, split: CacheSplit, keep: bool) -> FeatureStore | None:
+        key = (str(split.reader.path), split.name)
+        if key in self.kept:
+            return self.kept[key]
+        if self.last is not None and self.last[0] == key:
+            return self.last[1]
+        self.last = None  # free the previous input-level split before loading another
+        placement, line = choose_placement([split], self.store, self.device)
+        self.log(f"{split.reader.path} split {split.name!r}: {line}")
+        store = None if placement.text == "stream" else FeatureStore([split], placement, self.device)
+        if keep:
+            self.kept[key] = store
+        else:
+            self.last = (key, store)
+        return store
+
+    def batches(self, split: CacheSplit, *, keep: bool, batch_size: int, seed: int, perturb):
+        return make_batches([split], store=self._store(split, keep), batch_size=batch_size, shuffle=False,
+                            seed=seed, epoch=0, perturb=perturb, pin_memory=self.device.type == "cuda")
+
+
 def run_robustness(cfg: RobustnessConfig, *, log: Callable[[str], None] = print,
                    extract_callbacks: dict | None = None) -> list[dict]:
     """Evaluate every run under every condition. Returns rows: {model, run, condition, level, ...metrics}.
     `extract_callbacks` (extract()'s on_phase / on_items) follow input-level extractions."""
     cfg.validate()
     device = resolve_device(cfg.device)
+    stores = SplitStores("host" if cfg.in_memory else cfg.store, device, log)
     rows = []
     conds = conditions(cfg)
     for run in cfg.runs:
@@ -159,8 +198,8 @@ def run_robustness(cfg: RobustnessConfig, *, log: Callable[[str], None] = print,
                     table = MissingTable.sample(split.num_pairs, rate, cond.missing, cfg.seed)
                 perturb = make_perturb(noise=cond.noise, noise_on=cond.noise_on, missing_table=table,
                                        strategy=cfg.strategy, seed=cfg.seed)
-            loader = make_loader([split], batch_size=cfg.batch_size, shuffle=False, seed=cfg.seed, epoch=0,
-                                 in_memory=cfg.in_memory, num_workers=0, perturb=perturb)
+            loader = stores.batches(split, keep=cond.level != "input", batch_size=cfg.batch_size, seed=cfg.seed,
+                                    perturb=perturb)
             # translate needs the heads to know which modality is absent; zero/empty feed what is there
             strategy = cfg.strategy if cond.missing and cond.level == "feature" else "zero"
             metrics = evaluate(heads, loader, device, heads_cfg.multi_label, missing_strategy=strategy)
