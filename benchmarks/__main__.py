@@ -6,7 +6,8 @@ import sys
 BENCHMARKS = {"extract": "benchmarks.bench_extract", "train": "benchmarks.bench_train", "cca": "benchmarks.bench_cca",
               "gpu": "benchmarks.bench_gpu",
               "checksum": "benchmarks.bench_checksum", "finite": "benchmarks.bench_finite",
-              "scale": "benchmarks.bench_scale", "grouping": "benchmarks.bench_grouping"}
+              "scale": "benchmarks.bench_scale", "grouping": "benchmarks.bench_grouping",
+              "guard": "benchmarks.bench_step_guard"}
 
 
 def main(argv: list[str]) -> None:

@@ -18,7 +18,7 @@ reports an accuracy. So:
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -105,11 +105,14 @@ def check_step(*, loss: torch.Tensor | None = None, params: list[torch.nn.Parame
     raise _stop_error(what, epoch, step, batch.index.tolist(), nonfinite_pairs, best_epoch, run_dir) from error
 
 
-def _stop_error(what: str, epoch: int, step: int, pairs: list[int], nonfinite_pairs: list[int], best_epoch: int,
-                run_dir: Any) -> NonFiniteError:
+def _stop_error(what: str, epoch: int, step: int, pairs: list[int], nonfinite_pairs: list[int] | None,
+                best_epoch: int, run_dir: Any) -> NonFiniteError:
+    """The error naming the step; nonfinite_pairs None: the batch's features could not be re-checked."""
     kept = (f"the best checkpoint so far (epoch {best_epoch}) is left in {run_dir}" if best_epoch >= 0 else
             f"no epoch finished, so {run_dir} holds the initial heads")
-    cause = (f"pairs with non-finite cached features: {nonfinite_pairs} (re-extract the cache with "
+    cause = ("the cached features of this batch were not re-checked (the loader made other pairs when asked "
+             "for it again)" if nonfinite_pairs is None else
+             f"pairs with non-finite cached features: {nonfinite_pairs} (re-extract the cache with "
              f"--dtype bfloat16 or --dtype float32)" if nonfinite_pairs else
              "the cached features of this batch are finite (lower --lr, or train with --amp bf16 or off)")
     return NonFiniteError(f"non-finite {what} at epoch {epoch}, step {step}; batch pairs {pairs}; {cause}; {kept}")
@@ -155,8 +158,11 @@ class StepGuard:
     raises NonFiniteError naming the epoch, the step, the batch's pairs and those with non-finite
     cached features, the same message as `check_step`. Steps after a non-finite one (until that
     readback) train on from the unchanged heads; Adam's host-side step count still advances, which
-    is moot since the run stops there. What is kept per pending step: the batch's pair ids, its
-    per-pair feature verdict, the loss and the count of bad gradients (small device tensors)."""
+    is moot since the run stops there. What is kept per pending step: the batch's pair ids, the
+    loss and the count of bad gradients (small device tensors), and `rebuild`, a callable that
+    makes the batch again (the loaders' `batch_at`): its features are scanned only when the step
+    failed. Without `rebuild` the features are scanned every step on the device (one read of the
+    batch: up to a third of a light step on the CPU, docs/benchmarks.md)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], *, check_grads: bool,
                  device: torch.device):
@@ -164,7 +170,8 @@ class StepGuard:
         self.first_bad = torch.zeros((), dtype=torch.int64, device=device)  # step number, 0 = none yet
         self.pending: dict[int, tuple] = {}  # step -> (loss, bad gradient tensors, grad tensors, pairs, bad pairs)
 
-    def step(self, scaler: torch.amp.GradScaler, loss: torch.Tensor, batch: Any, step: int) -> None:
+    def step(self, scaler: torch.amp.GradScaler, loss: torch.Tensor, batch: Any, step: int,
+             rebuild: Callable[[], Any] | None = None) -> None:
         """After `scaler.scale(loss).backward()`: check, record, and step (or not) on the device."""
         loss = loss.detach()
         ok = torch.isfinite(loss)
@@ -174,7 +181,8 @@ class StepGuard:
             bad_grads = (~torch.stack([torch.isfinite(g).all() for g in grads])).sum()
             ok = ok & (bad_grads == 0)
         self.first_bad = torch.where((self.first_bad == 0) & ~ok, step, self.first_bad)
-        self.pending[step] = (loss, bad_grads, len(grads), batch.index, nonfinite_pair_mask(batch))
+        features = rebuild if rebuild is not None else nonfinite_pair_mask(batch)
+        self.pending[step] = (loss, bad_grads, len(grads), batch.index, features)
         if scaler.is_enabled():
             scaler.step(self.optimizer)  # skips non-finite gradients itself
         else:
@@ -207,14 +215,18 @@ class StepGuard:
         first, value = values.tolist()
         if first:
             step = int(first)
-            step_loss, bad_grads, n_grads, index, bad_pairs = self.pending[step]
+            step_loss, bad_grads, n_grads, index, features = self.pending[step]
             if not bool(torch.isfinite(step_loss)):
                 what = f"loss ({float(step_loss)})"
             else:
                 what = f"gradient ({int(bad_grads)} of {n_grads} parameter tensors)"
             pairs = index.tolist()
-            raise _stop_error(what, epoch, step, pairs, index[bad_pairs.to(index.device)].tolist(), best_epoch,
-                              run_dir)
+            if callable(features):  # the failed step's batch, made again
+                again = features()
+                bad = nonfinite_rows(again) if again.index.tolist() == pairs else None
+            else:
+                bad = index[features.to(index.device)].tolist()
+            raise _stop_error(what, epoch, step, pairs, bad, best_epoch, run_dir)
         self.pending.clear()
         return value if loss is not None else None
 

@@ -11,6 +11,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -350,7 +351,7 @@ def train_heads(cfg: TrainConfig, heads_cfg: HeadsConfig, *,
         shown_loss = float("nan")
         train_loader = loader(train_splits, shuffle=True, epoch=epoch, perturb_fn=training_perturb(cfg, missing_table, epoch))
         where = dict(epoch=epoch, best_epoch=best_epoch, run_dir=run_dir)
-        for batch in train_loader:
+        for k, batch in enumerate(train_loader):
             if batch.size < 2:  # DCCA needs two samples; a lone last pair (a different one each epoch) waits
                 continue
             batch = batch.to(device, non_blocking=True)
@@ -364,7 +365,7 @@ def train_heads(cfg: TrainConfig, heads_cfg: HeadsConfig, *,
             scaler.scale(loss).backward()
             # never train on NaN: a non-finite step changes nothing on the device; the host
             # learns of it at the next readback, before anything is evaluated or saved
-            guard.step(scaler, loss, batch, steps + 1)
+            guard.step(scaler, loss, batch, steps + 1, rebuild=partial(train_loader.batch_at, k))
             scaler.update()
             parts["loss"] = loss.detach()
             for k, v in parts.items():

@@ -6,8 +6,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import zarr
 from _cache_fixture import TinySpec, write_tiny_cache
 
 import molt_cache
@@ -96,21 +98,30 @@ def test_finite_steps_are_plain_adam_bit_for_bit_and_a_nan_step_changes_nothing(
         guard.readback(epoch=2, best_epoch=1, run_dir="r")
 
 
-def test_readback_names_the_first_bad_step_and_its_pairs_with_nonfinite_features(tmp_path):
+@pytest.mark.parametrize("features", ["scanned each step", "rebuilt on failure", "rebuilt wrongly"])
+def test_readback_names_the_first_bad_step_and_its_pairs_with_nonfinite_features(tmp_path, features):
     write_tiny_cache(tmp_path / "c", TinySpec(splits={"train": 12}, pairs_per_image=4))
-    split = open_cache(tmp_path / "c").split("train")
-    batches = list(FeatureStore([split], Placement("device", "device"), CPU).batches(
-        batch_size=4, shuffle=False, seed=0, epoch=0))
-    batches[1].image_final[0, 0, 0] = float("nan")  # the one image of pairs 4..7
+    g = zarr.open_group(str(tmp_path / "c"), mode="r+")
+    row = int(g["train/image/offsets"][1])
+    values = np.asarray(g["train/image/final"][row])
+    values[0] = np.nan
+    g["train/image/final"][row] = values  # a stored row of image 1 = pairs 4..7
+    store = FeatureStore([open_cache(tmp_path / "c").split("train")], Placement("device", "device"), CPU)
+    loader = store.batches(batch_size=4, shuffle=False, seed=0, epoch=0)
     model, opt = _model_and_adam()
     guard = StepGuard(opt, list(model.parameters()), check_grads=True, device=CPU)
-    for step, batch in enumerate(batches, 1):
+    for k, batch in enumerate(loader):
+        step = k + 1
         loss = model(torch.ones(2, 5)).sum() * (float("nan") if step >= 2 else 1.0)
         opt.zero_grad()
         loss.backward()
-        guard.step(NO_SCALER, loss, batch, step)
-    with pytest.raises(NonFiniteError, match=r"at epoch 0, step 2; batch pairs \[4, 5, 6, 7\]; pairs with non-finite "
-                                             r"cached features: \[4, 5, 6, 7\]"):
+        rebuild = {"scanned each step": None, "rebuilt on failure": lambda k=k: loader.batch_at(k),
+                   "rebuilt wrongly": lambda k=k: loader.batch_at(k + 1 if k < 2 else 0)}[features]
+        guard.step(NO_SCALER, loss, batch, step, rebuild=rebuild)
+    cause = (r"the cached features of this batch were not re-checked" if features == "rebuilt wrongly" else
+             r"pairs with non-finite cached features: \[4, 5, 6, 7\]")
+    with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at epoch 0, step 2; batch pairs \[4, 5, 6, 7\]; "
+                                             + cause):
         guard.readback(epoch=0, best_epoch=-1, run_dir="r")
 
 

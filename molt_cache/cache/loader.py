@@ -367,6 +367,11 @@ class FeatureLoader:
     def __iter__(self) -> Iterator[FeatureBatch]:
         return prefetched(self._make, len(self), self.num_workers, "molt-loader")
 
+    def batch_at(self, k: int) -> FeatureBatch:
+        """Batch k of this epoch again: the same pairs, values and perturbation (the training
+        loop's non-finite check re-reads a failed step's batch to name its bad pairs)."""
+        return self._make(k)
+
     @property
     def chunk_decodes(self) -> int:
         """Chunks read from disk so far by the streaming LRUs (0 in memory)."""

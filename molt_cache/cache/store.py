@@ -350,6 +350,11 @@ class StoreLoader:
     def __iter__(self) -> Iterator[FeatureBatch]:
         return _loader.prefetched(self._make, len(self), self.num_workers, "molt-store")
 
+    def batch_at(self, k: int) -> FeatureBatch:
+        """Batch k of this epoch again: the same pairs, values and perturbation (the training
+        loop's non-finite check re-reads a failed step's batch to name its bad pairs)."""
+        return self._make(k)
+
 
 def make_batches(splits: list[CacheSplit], *, store: FeatureStore | None = None, batch_size: int,
                  shuffle: bool, seed: int, epoch: int, pairs_per_image: int = 0,
