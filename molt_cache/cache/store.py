@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from molt_cache.batch import FeatureBatch
+from molt_cache.batch import FeatureBatch, MostPairs
 from molt_cache.cache import loader as _loader
 from molt_cache.cache.integrity import read_checked
 from molt_cache.cache.reader import CacheSplit, ModalityArrays
@@ -274,18 +274,20 @@ class FeatureStore:
 
     def host_indices(self, global_ids: np.ndarray):
         """The host's share of a batch on the device placement: every index the batch needs, packed
-        for one copy. (text items, distinct images, packed int64, Tt, Ti)."""
+        for one copy. (text items, distinct images, packed int64, Tt, Ti, the most pairs of one
+        image)."""
         text_items = self.text_index[global_ids]
         uniq, image_rows = np.unique(self.image_index[global_ids], return_inverse=True)  # sorted
         t_lo, t_len = self.text.offsets[text_items], self.text_lengths[text_items]
         i_lo, i_len = self.image.offsets[uniq], self.image_lengths[uniq]
         packed = np.concatenate([global_ids, text_items, t_lo, t_len, image_rows, uniq, i_lo, i_len])
+        most = int(np.bincount(image_rows).max()) if len(image_rows) else 0  # for the heads' layout
         return (text_items, uniq, packed, int(t_len.max()) if len(t_len) else 0,
-                int(i_len.max()) if len(i_len) else 0)
+                int(i_len.max()) if len(i_len) else 0, most)
 
     def batch(self, global_ids: np.ndarray) -> FeatureBatch:
         """The batch of pairs `global_ids` (positions in the store's concatenated pair table)."""
-        text_items, uniq, packed, Tt, Ti = self.host_indices(global_ids)
+        text_items, uniq, packed, Tt, Ti, most = self.host_indices(global_ids)
         B, U = len(global_ids), len(uniq)
         # page-locked, so the copy is asynchronous on a GPU (from pageable memory it would wait
         # for the queued kernels: a hidden sync per batch)
@@ -303,7 +305,8 @@ class FeatureStore:
                              image_layers=i_layers, image_final=i_final, image_pooled=i_pooled,
                              image_mask=i_mask, targets=self.targets.index_select(0, g),
                              index=self.pair_in_split.index_select(0, g), text_present=present,
-                             image_present=present.clone(), image_rows=rows_d)
+                             image_present=present.clone(), image_rows=rows_d,
+                             most_pairs=MostPairs(rows_d, most))
         with self._count_lock:
             self.pairs_served += B
         return batch
