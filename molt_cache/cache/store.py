@@ -180,6 +180,42 @@ class _Modality:
         return sum(t.shape[1] * t.element_size() for t in self.token_arrays)
 
 
+def _storage_users(t: torch.Tensor) -> int:
+    """Tensors (views, autograd's saved copies of them, numpy arrays over them) holding t's
+    storage, not counting t itself."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 2  # t, and the Python storage
+
+
+class BufferPool:
+    """Batch buffers reused on a CPU training device. A fresh float32 tensor of a batch's tokens
+    costs more in page faults than widening into it (13 MB per text layer at the `cpu` preset:
+    ~2 ms fresh vs ~1.2 ms reused), every batch. A buffer is handed out again only when nothing
+    but the pool holds its storage: a batch still in use, prefetched, or saved by autograd for
+    backward keeps a view of it, so it is never overwritten. Thread-safe (prefetch threads)."""
+
+    def __init__(self, max_buffers: int = 64):
+        self.max_buffers = max_buffers
+        self._buffers: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor of `shape`: a view of a free pooled buffer, or a new one."""
+        numel = math.prod(shape)
+        with self._lock:
+            free = [b for b in self._buffers
+                    if b.dtype == dtype and b.numel() >= numel and _storage_users(b) == 0]
+            if free:
+                return min(free, key=torch.Tensor.numel)[:numel].view(shape)
+            buf = torch.empty(numel + numel // 4, dtype=dtype)  # room for a longer batch
+            if len(self._buffers) >= self.max_buffers:  # drop the smallest free one
+                idle = [b for b in self._buffers if _storage_users(b) == 0]
+                if not idle:
+                    return buf[:numel].view(shape)  # all busy: unpooled
+                self._buffers.remove(min(idle, key=torch.Tensor.numel))
+            self._buffers.append(buf)
+            return buf[:numel].view(shape)
+
+
 def _padded_index(starts: torch.Tensor, lengths: torch.Tensor, T: int, pad_row: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat row index (B·T,) of a padded (B, T) gather, padding pointing at `pad_row` (a zero row),
     and the mask (B, T), built on the device from B starts and lengths."""
@@ -216,6 +252,8 @@ class FeatureStore:
         self.bytes_to_device = 0  # host -> device bytes so far (counted on every device)
         self.pairs_served = 0
         self._count_lock = threading.Lock()  # prefetch threads assemble batches concurrently
+        # on a GPU the caching allocator reuses memory (and knows the streams); on the CPU, pages
+        self._pool = BufferPool() if self.device.type == "cpu" else None
 
     @property
     def num_pairs(self) -> int:
@@ -246,7 +284,15 @@ class FeatureStore:
             idx, mask = _padded_index(starts_dev, lengths_dev, T, m.tokens)
 
             def gather(a: torch.Tensor) -> torch.Tensor:
-                return a.index_select(0, idx).view(n, T, a.shape[1]).float()
+                if self._pool is None:
+                    return a.index_select(0, idx).view(n, T, a.shape[1]).float()
+                out = self._pool.take((n, T, a.shape[1]), torch.float32)
+                if a.dtype == torch.float32:
+                    torch.index_select(a, 0, idx, out=out.view(n * T, a.shape[1]))
+                else:  # gather in the stored dtype (half the bytes), widen into the pooled buffer
+                    out.copy_(torch.index_select(a, 0, idx, out=self._pool.take((n * T, a.shape[1]), a.dtype))
+                              .view(n, T, a.shape[1]))
+                return out
 
             pooled = m.pooled.index_select(0, items_dev).float()
         else:
