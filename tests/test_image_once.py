@@ -156,7 +156,9 @@ def test_each_layout_baseline_and_translate(layout):
     assert_same(heads_for(model="baseline"), batch)
     present = torch.ones(batch.size, dtype=torch.bool)
     present[[0, 6]] = False
-    assert_same(heads_for(), dataclasses.replace(batch, text_present=present), strategy="translate")
+    for model in ("molt", "baseline"):
+        assert_same(heads_for(model=model), dataclasses.replace(batch, text_present=present),
+                    strategy="translate")
 
 
 def test_host_count_of_pairs_per_image_is_used_only_for_its_rows():
