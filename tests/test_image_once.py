@@ -173,3 +173,15 @@ def test_host_count_of_pairs_per_image_is_used_only_for_its_rows():
     stale = dataclasses.replace(counted, image_rows=torch.tensor(LAYOUTS["gather"]))
     assert stale.most_pairs_per_image() == 6
     assert counted.per_pair().most_pairs is None and counted.per_pair().most_pairs_per_image() == 1
+
+
+def test_grouped_slots_run_under_bf16_autocast():
+    """Under bf16 autocast (the CUDA default) the grouped layout's mixed dtypes fit together
+    (float32 scores, bf16 products) and stay near the per-pair path."""
+    heads = heads_for().float()
+    batch = dedup_batch(seed=6, dtype=torch.float32, rows=LAYOUTS["slots-padded"], empty_text=(2,))
+    assert pair_slots(batch.image_rows, 3, batch.most_pairs_per_image()) is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        once, pairs = heads(batch), heads(batch.per_pair())
+    assert torch.isfinite(once.logits).all()
+    torch.testing.assert_close(once.logits.float(), pairs.logits.float(), rtol=0.05, atol=0.05)

@@ -111,7 +111,9 @@ def pair_slots(image_rows: torch.Tensor, images: int, per_image: int) -> PairSlo
     if b == 0 or images * per_image > MAX_SLOT_PADDING * b:
         return None
     order = torch.argsort(image_rows, stable=True)
-    counts = torch.bincount(image_rows, minlength=images)
+    # index_add_, not bincount: CUDA's bincount reads the maximum back to the host
+    counts = torch.zeros(images, dtype=image_rows.dtype, device=image_rows.device)
+    counts.index_add_(0, image_rows, torch.ones_like(image_rows))
     first = counts.cumsum(0) - counts  # where each image's run starts in `order`
     rank = torch.empty_like(image_rows)
     rank[order] = torch.arange(b, device=image_rows.device) - first[image_rows[order]]
