@@ -195,24 +195,26 @@ class BufferPool:
 
     def __init__(self, max_buffers: int = 64):
         self.max_buffers = max_buffers
-        self._buffers: list[torch.Tensor] = []
+        self._buffers: dict[torch.dtype, list[torch.Tensor]] = {}  # per dtype, smallest first
         self._lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialised tensor of `shape`: a view of a free pooled buffer, or a new one."""
+        """An uninitialised tensor of `shape`: a view of the smallest free pooled buffer that
+        holds it, or of a new one."""
         numel = math.prod(shape)
         with self._lock:
-            free = [b for b in self._buffers
-                    if b.dtype == dtype and b.numel() >= numel and _storage_users(b) == 0]
-            if free:
-                return min(free, key=torch.Tensor.numel)[:numel].view(shape)
+            buffers = self._buffers.setdefault(dtype, [])
+            for b in buffers:
+                if b.numel() >= numel and _storage_users(b) == 0:
+                    return b[:numel].view(shape)
             buf = torch.empty(numel + numel // 4, dtype=dtype)  # room for a longer batch
-            if len(self._buffers) >= self.max_buffers:  # drop the smallest free one
-                idle = [b for b in self._buffers if _storage_users(b) == 0]
+            if len(buffers) >= self.max_buffers:  # drop the smallest free one
+                idle = [b for b in buffers if _storage_users(b) == 0]
                 if not idle:
                     return buf[:numel].view(shape)  # all busy: unpooled
-                self._buffers.remove(min(idle, key=torch.Tensor.numel))
-            self._buffers.append(buf)
+                buffers.remove(idle[0])
+            buffers.append(buf)
+            buffers.sort(key=torch.Tensor.numel)
             return buf[:numel].view(shape)
 
 
@@ -294,7 +296,9 @@ class FeatureStore:
                               .view(n, T, a.shape[1]))
                 return out
 
-            pooled = m.pooled.index_select(0, items_dev).float()
+            pooled = m.pooled.index_select(0, items_dev)
+            pooled = (pooled.float() if self._pool is None
+                      else self._pool.take(tuple(pooled.shape), torch.float32).copy_(pooled))
         else:
             # host: only the real rows cross, in the stored dtype; the zero row that padding
             # positions gather from is added on the device
