@@ -275,6 +275,11 @@ def test_buffer_pool_reuses_only_buffers_nothing_else_holds():
     arr = pool.take((4, 5), torch.float32).numpy()  # a numpy array over it holds it too
     assert pool.take((4, 5), torch.float32).data_ptr() != arr.ctypes.data
     assert pool.take((4, 5), torch.float16).dtype == torch.float16
+    small = BufferPool(max_bytes=1000)  # 250 float32: keeps what fits, hands out the rest unpooled
+    held = [small.take((100,), torch.float32) for _ in range(4)]
+    assert small.nbytes <= 1000 and len({t.data_ptr() for t in held}) == 4
+    del held
+    assert small.take((100,), torch.float32) is not None and small.nbytes <= 1000
 
 
 def test_store_batches_held_together_stay_intact(tmp_path):

@@ -193,14 +193,18 @@ class BufferPool:
     but the pool holds its storage: a batch still in use, prefetched, or saved by autograd for
     backward keeps a view of it, so it is never overwritten. Thread-safe (prefetch threads)."""
 
-    def __init__(self, max_buffers: int = 64):
-        self.max_buffers = max_buffers
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes  # kept beyond one batch's use; more is allocated unpooled
         self._buffers: dict[torch.dtype, list[torch.Tensor]] = {}  # per dtype, smallest first
         self._lock = threading.Lock()
 
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for bufs in self._buffers.values() for b in bufs)
+
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor of `shape`: a view of the smallest free pooled buffer that
-        holds it, or of a new one."""
+        holds it, or of a new one (pooled while the pool stays under max_bytes)."""
         numel = math.prod(shape)
         with self._lock:
             buffers = self._buffers.setdefault(dtype, [])
@@ -208,13 +212,16 @@ class BufferPool:
                 if b.numel() >= numel and _storage_users(b) == 0:
                     return b[:numel].view(shape)
             buf = torch.empty(numel + numel // 4, dtype=dtype)  # room for a longer batch
-            if len(buffers) >= self.max_buffers:  # drop the smallest free one
-                idle = [b for b in buffers if _storage_users(b) == 0]
-                if not idle:
-                    return buf[:numel].view(shape)  # all busy: unpooled
-                buffers.remove(idle[0])
-            buffers.append(buf)
-            buffers.sort(key=torch.Tensor.numel)
+            held = self.nbytes
+            for bufs in self._buffers.values():  # make room: drop free buffers, smallest first
+                for b in [b for b in bufs if _storage_users(b) == 0]:
+                    if held + buf.nbytes <= self.max_bytes:
+                        break
+                    bufs.remove(b)
+                    held -= b.nbytes
+            if held + buf.nbytes <= self.max_bytes:
+                buffers.append(buf)
+                buffers.sort(key=torch.Tensor.numel)
             return buf[:numel].view(shape)
 
 
