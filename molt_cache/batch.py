@@ -13,6 +13,16 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 
+@dataclass(frozen=True)
+class MostPairs:
+    """The most pairs any one image has in a deduplicated batch, counted on the host (the feature
+    store does, with the batch's indices), for the `image_rows` tensor it was counted on. A
+    perturbation that rebuilds image_rows leaves it stale; FeatureBatch ignores it then."""
+
+    rows: torch.Tensor  # the image_rows it counts (identity, not value, is checked)
+    most: int
+
+
 @dataclass
 class FeatureBatch:
     text_layers: list[torch.Tensor]  # L_s × (B, Tt, D_t,l), oldest selected layer first
@@ -28,6 +38,7 @@ class FeatureBatch:
     text_present: torch.Tensor  # (B,) bool; False = text absent (robustness / missing-rate)
     image_present: torch.Tensor  # (B,) bool, always per pair
     image_rows: torch.Tensor | None = None  # (B,) int64 row of each pair's image; None = per pair
+    most_pairs: MostPairs | None = None  # host-side count for image_rows (see most_pairs_per_image)
 
     @classmethod
     def complete_pairs(cls, text: tuple, image: tuple, targets: torch.Tensor, index: torch.Tensor) -> "FeatureBatch":
@@ -45,6 +56,17 @@ class FeatureBatch:
     def size(self) -> int:
         return self.targets.shape[0]
 
+    def most_pairs_per_image(self) -> int:
+        """The most pairs any one image has (1 per pair when image_rows is None). From the host
+        count when it was made for this image_rows, else counted here (on a GPU: a host read)."""
+        if self.image_rows is None:
+            return 1
+        if self.most_pairs is not None and self.most_pairs.rows is self.image_rows:
+            return self.most_pairs.most
+        if self.image_rows.numel() == 0:
+            return 0
+        return int(torch.bincount(self.image_rows).max())
+
     def per_pair(self) -> "FeatureBatch":
         """The same batch with one image row per pair (a gather; no-op when already per pair)."""
         if self.image_rows is None:
@@ -58,7 +80,8 @@ class FeatureBatch:
             return gathered[id(t)]
 
         return replace(self, image_layers=[g(t) for t in self.image_layers], image_final=g(self.image_final),
-                       image_pooled=g(self.image_pooled), image_mask=g(self.image_mask), image_rows=None)
+                       image_pooled=g(self.image_pooled), image_mask=g(self.image_mask), image_rows=None,
+                       most_pairs=None)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "FeatureBatch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -80,6 +103,8 @@ class FeatureBatch:
         def move(x):
             if x is None:
                 return None
+            if isinstance(x, MostPairs):  # its rows stay the same tensor as image_rows
+                return MostPairs(one(x.rows), x.most)
             return [one(t) for t in x] if isinstance(x, list) else one(x)
 
         return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)})

@@ -6,9 +6,10 @@ import dataclasses
 import pytest
 import torch
 
-from molt_cache.batch import FeatureBatch
+from molt_cache.batch import FeatureBatch, MostPairs
 from molt_cache.config import HeadsConfig
 from molt_cache.heads import ABLATIONS, FeatureDims, build_heads
+from molt_cache.heads.molt import pair_slots
 from molt_cache.losses.task import task_loss
 
 torch.set_num_threads(1)
@@ -17,11 +18,24 @@ DIMS = FeatureDims(text_layer_widths=[5, 6, 7], image_layer_widths=[4, 4, 8],
                    text_final_width=9, image_final_width=10)
 
 
-def dedup_batch(b=9, u=3, tt=5, ti=6, seed=0, dtype=torch.float64) -> FeatureBatch:
-    """b pairs over u distinct images (pair b has image b % u, unsorted on purpose)."""
+# image_rows of pairs over 3 images, one per layout the heads choose (PairSlots):
+LAYOUTS = {
+    "slots": [0, 2, 1, 0, 2, 1, 0, 2, 1],  # 3 pairs each: grouped, no unused slot
+    "slots-padded": [1, 0, 1, 2, 0, 1, 2, 0, 1, 2],  # 3, 4, 3 pairs: 12 slots ≤ 1.25 × 10, 2 unused
+    "gather": [0, 0, 0, 0, 0, 1, 2, 1, 0],  # 6, 2, 1 pairs: 18 slots > 1.25 × 9, per-pair gathers
+}
+
+
+def dedup_batch(b=9, u=3, tt=5, ti=6, seed=0, dtype=torch.float64, rows=None,
+                empty_text=(), empty_image=()) -> FeatureBatch:
+    """b pairs over u distinct images (pair b has image b % u, unsorted on purpose, or `rows`);
+    pairs `empty_text` and images `empty_image` get an all-False mask (an absent modality)."""
+    b = b if rows is None else len(rows)
     g = torch.Generator().manual_seed(seed)
     text_mask = torch.arange(tt)[None] < torch.randint(1, tt + 1, (b,), generator=g)[:, None]
     image_mask = torch.arange(ti)[None] < torch.randint(1, ti + 1, (u,), generator=g)[:, None]
+    text_mask[list(empty_text)] = False
+    image_mask[list(empty_image)] = False
 
     def tok(n, t, d, mask):
         return (torch.randn(n, t, d, generator=g) * mask[..., None]).to(dtype)
@@ -35,7 +49,7 @@ def dedup_batch(b=9, u=3, tt=5, ti=6, seed=0, dtype=torch.float64) -> FeatureBat
         image_pooled=torch.randn(u, 4, generator=g).to(dtype), image_mask=image_mask,
         targets=torch.randint(0, 3, (b,), generator=g), index=torch.arange(b),
         text_present=torch.ones(b, dtype=torch.bool), image_present=torch.ones(b, dtype=torch.bool),
-        image_rows=(torch.arange(b) * 2) % u)
+        image_rows=(torch.arange(b) * 2) % u if rows is None else torch.tensor(rows))
 
 
 def run(heads, batch, strategy="zero"):
@@ -115,3 +129,59 @@ def test_per_pair_expands_and_keeps_shared_final():
         assert torch.equal(full.image_mask[k], batch.image_mask[r])
         assert torch.equal(full.image_pooled[k], batch.image_pooled[r])
     assert full.per_pair() is full
+
+
+def test_layouts_are_the_ones_named():
+    """The cases below exercise both image-once paths: grouped slots and per-pair gathers."""
+    for name, rows in LAYOUTS.items():
+        slots = pair_slots(torch.tensor(rows), 3, dedup_batch(rows=rows).most_pairs_per_image())
+        assert (slots is None) == (name == "gather"), name
+        if slots is not None:  # every pair its own slot, within its image's K slots
+            assert len(set(slots.slot.tolist())) == len(rows)
+            assert all(s // slots.per_image == r for s, r in zip(slots.slot.tolist(), rows))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("ablate", [[], ["cross-attn"], ["fusion"]])
+def test_each_layout_equals_per_pair_with_absent_modalities(layout, ablate):
+    """float64: grouped and gathered image-once paths equal the per-pair path, with a pair whose
+    text is empty and an image whose mask is empty (keyless attention rows in both directions)."""
+    batch = dedup_batch(seed=4, rows=LAYOUTS[layout], empty_text=(3,), empty_image=(2,))
+    assert_same(heads_for(ablate=ablate), batch, grad_rtol=1e-6 if "cross-attn" in ablate else None)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_each_layout_baseline_and_translate(layout):
+    batch = dedup_batch(seed=5, rows=LAYOUTS[layout], empty_text=(1,))
+    assert_same(heads_for(model="baseline"), batch)
+    present = torch.ones(batch.size, dtype=torch.bool)
+    present[[0, 6]] = False
+    for model in ("molt", "baseline"):
+        assert_same(heads_for(model=model), dataclasses.replace(batch, text_present=present),
+                    strategy="translate")
+
+
+def test_host_count_of_pairs_per_image_is_used_only_for_its_rows():
+    """The store's host-side count (MostPairs) saves a device read; a batch whose image_rows were
+    rebuilt (a perturbation) counts again instead of trusting a stale number."""
+    batch = dedup_batch(rows=LAYOUTS["slots-padded"])
+    assert batch.most_pairs_per_image() == 4
+    counted = dataclasses.replace(batch, most_pairs=MostPairs(batch.image_rows, 4))
+    assert counted.most_pairs_per_image() == 4
+    moved = counted.to("cpu", non_blocking=False)
+    assert moved.most_pairs.rows is moved.image_rows
+    stale = dataclasses.replace(counted, image_rows=torch.tensor(LAYOUTS["gather"]))
+    assert stale.most_pairs_per_image() == 6
+    assert counted.per_pair().most_pairs is None and counted.per_pair().most_pairs_per_image() == 1
+
+
+def test_grouped_slots_run_under_bf16_autocast():
+    """Under bf16 autocast (the CUDA default) the grouped layout's mixed dtypes fit together
+    (float32 scores, bf16 products) and stay near the per-pair path."""
+    heads = heads_for().float()
+    batch = dedup_batch(seed=6, dtype=torch.float32, rows=LAYOUTS["slots-padded"], empty_text=(2,))
+    assert pair_slots(batch.image_rows, 3, batch.most_pairs_per_image()) is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        once, pairs = heads(batch), heads(batch.per_pair())
+    assert torch.isfinite(once.logits).all()
+    torch.testing.assert_close(once.logits.float(), pairs.logits.float(), rtol=0.05, atol=0.05)

@@ -15,7 +15,7 @@ from _cache_fixture import TinySpec, _store, write_tiny_cache
 from molt_cache.cache import loader as loader_mod
 from molt_cache.cache.loader import grouped_order, make_loader
 from molt_cache.cache.reader import open_cache
-from molt_cache.cache.store import FeatureStore, Placement, choose_placement
+from molt_cache.cache.store import BufferPool, FeatureStore, Placement, choose_placement
 from molt_cache.config import HeadsConfig, TrainConfig
 from molt_cache.perturb import MissingTable, make_perturb
 
@@ -253,3 +253,45 @@ def test_nonfinite_rows_names_every_pair_of_a_shared_bad_image(tmp_path):
                                                                        seed=0, epoch=0)))
     batch.image_final[1, 0, 0] = float("nan")  # image 1 = pairs 4..7
     assert nonfinite_rows(batch) == [4, 5, 6, 7]
+
+
+def test_buffer_pool_reuses_only_buffers_nothing_else_holds():
+    """A pooled buffer comes back only when no batch view, autograd-saved tensor or numpy array
+    over it is alive; until then the pool hands out another."""
+    pool = BufferPool()
+    a = pool.take((4, 5), torch.float32)
+    b = pool.take((4, 5), torch.float32)
+    assert a.data_ptr() != b.data_ptr()  # a still held
+    ptr = a.data_ptr()
+    del a
+    assert pool.take((2, 5), torch.float32).data_ptr() == ptr  # free again (and big enough)
+    x = pool.take((4, 5), torch.float32).fill_(1.0)
+    ptr = x.data_ptr()
+    loss = torch.nn.Linear(5, 1)(x).sum()  # Linear saves its input for the weight gradient
+    del x
+    assert all(pool.take((4, 5), torch.float32).data_ptr() != ptr for _ in range(3))
+    loss.backward()  # the saved input is released
+    assert pool.take((4, 5), torch.float32).data_ptr() == ptr
+    arr = pool.take((4, 5), torch.float32).numpy()  # a numpy array over it holds it too
+    assert pool.take((4, 5), torch.float32).data_ptr() != arr.ctypes.data
+    assert pool.take((4, 5), torch.float16).dtype == torch.float16
+    small = BufferPool(max_bytes=1000)  # 250 float32: keeps what fits, hands out the rest unpooled
+    held = [small.take((100,), torch.float32) for _ in range(4)]
+    assert small.nbytes <= 1000 and len({t.data_ptr() for t in held}) == 4
+    del held
+    assert small.take((100,), torch.float32) is not None and small.nbytes <= 1000
+
+
+def test_store_batches_held_together_stay_intact(tmp_path):
+    """A whole epoch's batches held at once (prefetched, or kept by the caller) equal the same
+    batches assembled one at a time without the pool: no later batch overwrote an earlier one."""
+    write_tiny_cache(tmp_path / "c", TinySpec(splits={"train": 37}))
+    split = open_cache(tmp_path / "c").split("train")
+    store = FeatureStore([split], Placement("device", "device"), CPU)
+    assert store._pool is not None
+    held = list(store.batches(batch_size=5, shuffle=True, seed=1, epoch=0, num_workers=2))
+    store._pool = None
+    for a, b in zip(held, store.batches(batch_size=5, shuffle=True, seed=1, epoch=0)):
+        for x, y in zip([*a.text_layers, *a.image_layers, a.image_final],
+                        [*b.text_layers, *b.image_layers, b.image_final]):
+            assert torch.equal(x, y)

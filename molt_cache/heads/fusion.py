@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from molt_cache.heads.molt import attend, gather_rows
+from molt_cache.heads.molt import PairSlots, attend, gather_rows
 
 
 class Fusion(nn.Module):
@@ -26,18 +26,26 @@ class Fusion(nn.Module):
                 text_final: torch.Tensor, text_mask: torch.Tensor,
                 image_present: torch.Tensor | None = None,
                 text_present: torch.Tensor | None = None,
-                image_rows: torch.Tensor | None = None) -> torch.Tensor:
+                image_rows: torch.Tensor | None = None, slots: PairSlots | None = None) -> torch.Tensor:
         """query (B, Q); E_i (B, Ti, D_i); E_t (B, Tt, D_t); masks True = real token.
         `*_present` (B,) bool, given only for the 'translate' strategy: an absent modality's
         E_r is replaced by the present one's, so the absent features never reach the output.
         image_rows (B,) int64: E_i and its mask hold the batch's distinct images (U, Ti, ...);
-        the image keys/values are projected once per image and gathered to the pairs."""
+        the image keys/values are projected once per image and gathered to the pairs.
+        slots (with image_rows): the same, the K pairs' queries of an image attending to its
+        keys together (PairSlots) instead of gathering its keys/values per pair."""
         def pairs(t: torch.Tensor) -> torch.Tensor:
             return gather_rows(t, image_rows)
 
         q = self.query_proj(query)[:, None, :]  # (B, 1, d_c) Q_r
-        e_image = attend(q, pairs(self.image_key(image_final)), pairs(self.image_value(image_final)),
-                         pairs(image_mask))[:, 0]  # (B, d_c) E_r,i
+        if slots is not None:
+            d = q.shape[-1]
+            q_slots = slots.to_slots(q[:, 0]).view(slots.images, slots.per_image, d)
+            e_image = slots.to_pairs(attend(q_slots, self.image_key(image_final), self.image_value(image_final),
+                                            image_mask).view(slots.count, d))  # (B, d_c) E_r,i
+        else:
+            e_image = attend(q, pairs(self.image_key(image_final)), pairs(self.image_value(image_final)),
+                             pairs(image_mask))[:, 0]  # (B, d_c) E_r,i
         e_text = attend(q, self.text_key(text_final), self.text_value(text_final),
                         text_mask)[:, 0]  # (B, d_c) E_r,t
         if text_present is not None and image_present is not None:

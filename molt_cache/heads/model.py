@@ -14,7 +14,7 @@ from molt_cache.batch import FeatureBatch
 from molt_cache.config import HeadsConfig
 from molt_cache.heads.fbp import factorized_bilinear_pool
 from molt_cache.heads.fusion import Fusion
-from molt_cache.heads.molt import LayerStates, MoltLayer, attend
+from molt_cache.heads.molt import LayerStates, MoltLayer, PairSlots, attend, pair_slots
 from molt_cache.losses.cca import dcca_loss
 
 MODELS = ("molt", "baseline", "text-only", "image-only")
@@ -88,6 +88,13 @@ def _present_flags(batch: FeatureBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return image_present, text_present
 
 
+def _slots(batch: FeatureBatch) -> PairSlots | None:
+    """The grouped layout of a deduplicated batch (PairSlots), None when per pair or too padded."""
+    if batch.image_rows is None:
+        return None
+    return pair_slots(batch.image_rows, batch.image_mask.shape[0], batch.most_pairs_per_image())
+
+
 def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
     """Pad the token axis (dim 1) of (B, T, ...) with zeros (or False) to `length`."""
     extra = length - x.shape[1]
@@ -149,12 +156,12 @@ class MoltHeads(nn.Module):
                              f"(built for another cache?)")
 
     def _layer_states(self, layer: MoltLayer, image: torch.Tensor, text: torch.Tensor,
-                      batch: FeatureBatch, translate: bool) -> LayerStates:
+                      batch: FeatureBatch, translate: bool, slots: PairSlots | None) -> LayerStates:
         # (B or U, Ti, d_c), (B, Tt, d_c): I'_l once per distinct image when image_rows is set
         image_proj, text_proj = layer.project(image, text)
         image_mask, text_mask = batch.image_mask.bool(), batch.text_mask.bool()
         if not translate:
-            return layer.interact(image_proj, image_mask, text_proj, text_mask, batch.image_rows)
+            return layer.interact(image_proj, image_mask, text_proj, text_mask, batch.image_rows, slots)
         if batch.image_rows is not None:  # the substitutions below are per pair
             image_proj = image_proj.index_select(0, batch.image_rows)
             image_mask = image_mask.index_select(0, batch.image_rows)
@@ -181,7 +188,9 @@ class MoltHeads(nn.Module):
         self._check_batch(batch)
         translate = missing_strategy == "translate"
         n = self.cfg.layers
-        common = [self._layer_states(layer, image, text, batch, translate)
+        # translate substitutes per pair: it expands to pairs and needs no layout
+        slots = None if translate else _slots(batch)
+        common = [self._layer_states(layer, image, text, batch, translate, slots)
                   for layer, image, text in zip(self.layers, batch.image_layers[-n:],
                                                 batch.text_layers[-n:])]
 
@@ -214,7 +223,7 @@ class MoltHeads(nn.Module):
             present = _present_flags(batch) if translate else (None, None)
             fused = self.fusion(robust, batch.image_final, batch.image_mask.bool(),
                                 batch.text_final, batch.text_mask.bool(), *present,
-                                image_rows=batch.image_rows)
+                                image_rows=batch.image_rows, slots=slots)
         return HeadsOutput(
             logits=self.classifier(fused),
             cca_loss=cca_loss,
@@ -243,7 +252,7 @@ class BaselineHeads(nn.Module):
         query = self.query.expand(batch.size, -1)  # (B, d_c)
         fused = self.fusion(query, batch.image_final, batch.image_mask.bool(),
                             batch.text_final, batch.text_mask.bool(), *present,
-                            image_rows=batch.image_rows)
+                            image_rows=batch.image_rows, slots=_slots(batch))
         return HeadsOutput(logits=self.classifier(fused), cca_loss=None, common=[], robust=None)
 
 

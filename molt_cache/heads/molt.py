@@ -14,11 +14,12 @@ from torch import nn
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x (B, T, D) over tokens where mask (B, T) is True, in float32 -> (B, D).
+    """Mean of x (..., T, D) over tokens where mask (..., T) is True, in float32 -> (..., D); the
+    mask broadcasts over leading dims (an image's mask (U, 1, Ti) for its K pairs (U, K, Ti, D)).
     `where`, not multiply: a padding value of inf/NaN must not leak as 0·inf."""
     x = torch.where(mask[..., None], x.float(), 0.0)
-    count = mask.sum(1, keepdim=True).clamp_min(1).to(x.dtype)
-    return x.sum(1) / count
+    count = mask.sum(-1, keepdim=True).clamp_min(1).to(x.dtype)
+    return x.sum(-2) / count
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
@@ -36,9 +37,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
         qf = q.to(torch.promote_types(q.dtype, torch.float32))
         scores = qf @ k.to(qf.dtype).transpose(1, 2) / math.sqrt(q.shape[-1])  # (B, Tq, Tk)
     scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
-    weights = scores.softmax(-1).to(v.dtype)
-    out = weights @ v  # (B, Tq, d)
-    return torch.where(has_key[:, None, None], out, torch.zeros_like(out))
+    # Zero the weights of keyless rows rather than the output: (B, Tq, Tk) is far smaller than
+    # (B, Tq, d) when the keys are ~15 text tokens and the queries 257 image tokens.
+    weights = (scores.softmax(-1) * has_key[:, None, None]).to(v.dtype)
+    return weights @ v  # (B, Tq, d)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -65,6 +67,77 @@ def gather_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     if rows is None:
         return t
     return _GatherRows.apply(t, rows) if t.requires_grad else t.index_select(0, rows)
+
+
+# The grouped layout pads each image to the most pairs any image has in the batch; beyond this
+# share of padded slots the gathers are cheaper (i.i.d. batches: ~1 pair per image).
+MAX_SLOT_PADDING = 1.25
+
+
+@dataclass(frozen=True)
+class PairSlots:
+    """The batch's pairs placed in slots by image: U images × K slots (K = the most pairs any image
+    has), pair b in slot `slot[b]` = image_rows[b]·K + its rank among its image's pairs; unused
+    slots hold zero text with an all-False mask and are never read back.
+
+    In this layout what pairs share with their image is a broadcast, not a gather: the K pairs'
+    text tokens of image u attend to its tokens in one (K·Tt, Ti) product, its tokens attend to
+    each pair's text through one (Ti, K·Tt) product with a softmax per pair, and I'_l adds to the
+    (U, K, Ti, d_c) image states as (U, 1, Ti, d_c). Only pooled (B, d_c) outputs go back to pairs."""
+
+    slot: torch.Tensor  # (B,) int64
+    images: int  # U
+    per_image: int  # K
+
+    @property
+    def count(self) -> int:
+        return self.images * self.per_image
+
+    def to_slots(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, ...) per pair -> (U·K, ...), zeros (False) in unused slots."""
+        return t.new_zeros((self.count, *t.shape[1:])).index_copy(0, self.slot, t)
+
+    def to_pairs(self, t: torch.Tensor) -> torch.Tensor:
+        """(U·K, ...) -> (B, ...) per pair."""
+        return gather_rows(t, self.slot)
+
+
+def pair_slots(image_rows: torch.Tensor, images: int, per_image: int) -> PairSlots | None:
+    """The grouped layout of pairs whose image is `image_rows` (B,) among `images` rows, each image
+    having at most `per_image` pairs (known on the host: FeatureBatch.most_pairs_per_image); None
+    when its unused slots would exceed MAX_SLOT_PADDING × B (then gathering per pair is cheaper).
+    Built on the rows' device without a host round-trip."""
+    b = image_rows.shape[0]
+    if b == 0 or images * per_image > MAX_SLOT_PADDING * b:
+        return None
+    order = torch.argsort(image_rows, stable=True)
+    # index_add_, not bincount: CUDA's bincount reads the maximum back to the host
+    counts = torch.zeros(images, dtype=image_rows.dtype, device=image_rows.device)
+    counts.index_add_(0, image_rows, torch.ones_like(image_rows))
+    first = counts.cumsum(0) - counts  # where each image's run starts in `order`
+    rank = torch.empty_like(image_rows)
+    rank[order] = torch.arange(b, device=image_rows.device) - first[image_rows[order]]
+    return PairSlots(image_rows * per_image + rank, images, per_image)
+
+
+def attend_per_slot(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Each image's tokens attend to each of its K pairs' keys separately: q (U, Tq, d) of the
+    image, k/v (U·K, Tk, d) of the slots, key_mask (U·K, Tk) -> (U, K, Tq, d) equal to `attend`
+    of the image's q with each slot's k, v (a keyless slot gets 0). The scores are one
+    (Tq, K·Tk) product per image; the softmax runs per slot over its Tk keys."""
+    U, Tq, d = q.shape
+    S, Tk, _ = k.shape
+    K = S // U
+    key_mask = key_mask.view(U, K, Tk)
+    has_key = key_mask.any(-1)  # (U, K)
+    key_mask = key_mask | ~has_key[..., None]
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        qf = q.to(torch.promote_types(q.dtype, torch.float32))
+        scores = qf @ k.to(qf.dtype).reshape(U, K * Tk, d).transpose(1, 2) / math.sqrt(d)  # (U, Tq, K·Tk)
+    scores = scores.view(U, Tq, K, Tk).masked_fill(~key_mask[:, None], float("-inf"))
+    weights = scores.softmax(-1) * has_key[:, None, :, None]  # (U, Tq, K, Tk)
+    weights = weights.transpose(1, 2).reshape(S, Tq, Tk).to(v.dtype)
+    return (weights @ v).view(U, K, Tq, v.shape[-1])
 
 
 @dataclass
@@ -102,14 +175,18 @@ class MoltLayer(nn.Module):
 
     def interact(self, image_proj: torch.Tensor, image_mask: torch.Tensor,
                  text_proj: torch.Tensor, text_mask: torch.Tensor,
-                 image_rows: torch.Tensor | None = None) -> LayerStates:
+                 image_rows: torch.Tensor | None = None, slots: PairSlots | None = None) -> LayerStates:
         """I'_l, T'_l (already in the common space) -> pooled H'_i,l, H'_t,l, I'_l, T'_l, per pair.
 
         image_rows None: image_proj (B, Ti, d_c), image_mask (B, Ti), one row per pair.
         image_rows (B,) int64: image_proj (U, Ti, d_c) and image_mask (U, Ti) over the batch's
         distinct images, pair b's image at row image_rows[b]. What depends on the image alone
         (Q_i, K_i, V_i, the pooled I'_l, and LN(I'_l) without cross-attention) is computed once per
-        distinct image and gathered to the pairs; the values equal the per-pair path's."""
+        distinct image and gathered to the pairs; the values equal the per-pair path's.
+        slots (with image_rows): the same values computed in the grouped layout (PairSlots),
+        without gathering any (B, Ti, d_c) tensor."""
+        if slots is not None and self.cross_attention:
+            return self._interact_slots(image_proj, image_mask, text_proj, text_mask, image_rows, slots)
         def pairs(t: torch.Tensor) -> torch.Tensor:
             return gather_rows(t, image_rows)
 
@@ -128,5 +205,28 @@ class MoltLayer(nn.Module):
             image=image_state,
             text=masked_mean(text_common, text_mask),
             image_proj=pairs(masked_mean(image_proj, image_mask)),
+            text_proj=masked_mean(text_proj, text_mask),
+        )
+
+    def _interact_slots(self, image_proj: torch.Tensor, image_mask: torch.Tensor,
+                        text_proj: torch.Tensor, text_mask: torch.Tensor,
+                        image_rows: torch.Tensor, slots: PairSlots) -> LayerStates:
+        U, Ti, d = image_proj.shape
+        Tt = text_proj.shape[1]
+        text_slots = slots.to_slots(text_proj)  # (S, Tt, d_c)
+        mask_slots = slots.to_slots(text_mask)  # (S, Tt)
+        # H_t,l: the K pairs' text tokens of image u attend to its tokens together
+        h_text = attend(self.text_query(text_slots).view(U, slots.per_image * Tt, d),
+                        self.image_key(image_proj), self.image_value(image_proj), image_mask)
+        text_common = self.text_norm(h_text.view(slots.count, Tt, d) + text_slots)
+        # H_i,l: the image's tokens attend to each pair's text, I'_l broadcast over the pairs
+        h_image = attend_per_slot(self.image_query(image_proj), self.text_key(text_slots),
+                                  self.text_value(text_slots), mask_slots)  # (U, K, Ti, d_c)
+        image_common = self.image_norm(h_image + image_proj[:, None])
+        image_state = masked_mean(image_common, image_mask[:, None]).view(slots.count, d)
+        return LayerStates(
+            image=slots.to_pairs(image_state),
+            text=slots.to_pairs(masked_mean(text_common, mask_slots)),
+            image_proj=gather_rows(masked_mean(image_proj, image_mask), image_rows),
             text_proj=masked_mean(text_proj, text_mask),
         )
