@@ -41,7 +41,7 @@ def train_heads(
 ):
     """Train the MoLT (or baseline) heads from a feature cache; never loads an encoder.
 
-    On real data (docs/results.md: OpenClipart, shipped encoders, 3 seeds) MoLT beat the baseline by ~1 point clean and ~3 with the image absent but was worse and seed-unstable with the text absent; --missing-rate 0.5 --missing-type both bought +4.5 to +5.7 points with a modality absent and put MoLT ahead on every seed. If a modality can be missing at test time, use both.
+    On real data (docs/results.md: OpenClipart, shipped encoders, 3 seeds) MoLT beat the baseline by ~1 point clean and ~4 with the image absent but was worse and seed-unstable with the text absent (-4 zero-filled, -17 as an empty string); --missing-rate 0.5 --missing-type both bought +4.5 to +5 points with the image absent and put MoLT ahead on every seed. If a modality can be missing at test time, use both, and feed a missing text as zero-filled states.
 
     Train 3+ seeds, compare paired by seed, and read fused models against --model text-only / image-only (the accuracy reachable with one modality).
 

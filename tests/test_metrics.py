@@ -25,7 +25,23 @@ def f1_reference(pred: np.ndarray, true: np.ndarray) -> tuple[float, float]:
 
 def test_accuracy_counts_argmax():
     logits = np.array([[2.0, 1.0], [0.0, 3.0], [1.0, 0.5]])
-    assert compute_metrics(logits, np.array([0, 1, 1]), multi_label=False) == {"accuracy": pytest.approx(2 / 3)}
+    got = compute_metrics(logits, np.array([0, 1, 1]), multi_label=False)
+    assert got["accuracy"] == pytest.approx(2 / 3)
+    # class 0: TP 1, FP 1 (pair 2), FN 0 -> 2/3; class 1: TP 1, FP 0, FN 1 -> 2/3
+    assert got["f1_macro"] == pytest.approx(2 / 3)
+
+
+def test_single_label_macro_f1_matches_reference():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(80, 6))
+    targets = rng.integers(0, 5, size=80)  # class 5 never a target; predicted sometimes
+    logits[:, 4] = -9.0  # class 4: a target, never predicted (F1 0, still counted)
+    pred = logits.argmax(1)
+    one_hot = np.eye(6, dtype=bool)
+    _, macro = f1_reference(one_hot[pred], one_hot[targets])
+    got = compute_metrics(logits, targets, multi_label=False)
+    assert got["f1_macro"] == pytest.approx(macro)
+    assert got["accuracy"] == pytest.approx(float(np.mean(pred == targets)))
 
 
 def test_multi_label_f1_matches_reference():

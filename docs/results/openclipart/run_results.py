@@ -31,7 +31,7 @@ SEEDS = [0, 1, 2]
 TRAIN = {"epochs": 4, "patience": 4, "batch_size": 64, "lr": 1e-3, "device": "cpu", "in_memory": True}
 HEADS = {"d_common": 64}
 FEATURE_NOISE = [0.01, 0.05, 0.1, 0.2]
-INPUT_NOISE = [0.2]
+INPUT_NOISE = [0.01, 0.05, 0.1, 0.2]
 ABLATIONS = ["ablate:cross-attn", "ablate:cca", "ablate:M", "ablate:fusion", "ablate:fbp"]
 
 
@@ -125,7 +125,9 @@ def stage_summary(out: Path) -> None:
     rows = collect(out)
     summary = summarize(rows)
     paired = paired_differences(rows) + paired_differences(rows, "molt +MR", "baseline +MR") \
-        + paired_differences(rows, "molt +MR", "molt") + paired_differences(rows, "baseline +MR", "baseline")
+        + paired_differences(rows, "molt +MR", "molt") + paired_differences(rows, "baseline +MR", "baseline") \
+        + [p for a in ABLATIONS for p in paired_differences(rows, a, "molt")
+           if p["condition"] in ("clean", "text absent (feature, zero)", "image absent (feature, zero)")]
     (out / "all_rows.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "paired.json").write_text(json.dumps(paired, indent=2) + "\n")
@@ -141,8 +143,16 @@ def stage_summary(out: Path) -> None:
     plot(summary, out / "openclipart_accuracy.png")
 
 
+TABLE2_CONDITIONS = ["clean", "text absent (feature, zero)", "image absent (feature, zero)",
+                     "noise 20% on both (feature)"]
+
+
 def markdown(summary: list[dict], paired: list[dict]) -> str:
-    variants = list(dict.fromkeys(s["variant"] for s in summary))
+    """Table 3 (every non-ablated variant × every condition, accuracy then macro F1), Table 2
+    (MoLT and each ablation on a few conditions) and the seed-paired comparisons."""
+    everything = list(dict.fromkeys(s["variant"] for s in summary))
+    variants = [v for v in everything if not v.startswith("ablate:")]
+    ablated = [v for v in everything if v.startswith("ablate:")]
     conditions = list(dict.fromkeys(s["condition"] for s in summary))
     cell = {(s["variant"], s["condition"]): s for s in summary}
     lines = ["| condition | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
@@ -150,6 +160,22 @@ def markdown(summary: list[dict], paired: list[dict]) -> str:
         vals = [f"{100 * cell[(v, c)]['accuracy_mean']:.2f} ± {100 * cell[(v, c)]['accuracy_std']:.2f}"
                 if (v, c) in cell else "" for v in variants]
         lines.append(f"| {c} | " + " | ".join(vals) + " |")
+    if any("f1_macro_mean" in s for s in summary):
+        lines += ["", "Macro F1 (%), mean ± std over seeds:", "",
+                  "| condition | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
+        for c in conditions:
+            vals = [f"{100 * cell[(v, c)]['f1_macro_mean']:.2f} ± {100 * cell[(v, c)]['f1_macro_std']:.2f}"
+                    if (v, c) in cell and "f1_macro_mean" in cell[(v, c)] else "" for v in variants]
+            lines.append(f"| {c} | " + " | ".join(vals) + " |")
+    if ablated:
+        lines += ["", "Table 2, ablations: accuracy / macro F1 (%), mean ± std over seeds:", "",
+                  "| variant | " + " | ".join(TABLE2_CONDITIONS) + " |", "|---" * (len(TABLE2_CONDITIONS) + 1) + "|"]
+        for v in ["molt", *ablated]:
+            vals = [f"{100 * cell[(v, c)]['accuracy_mean']:.2f} ± {100 * cell[(v, c)]['accuracy_std']:.2f} / "
+                    f"{100 * cell[(v, c)].get('f1_macro_mean', float('nan')):.2f}" if (v, c) in cell else ""
+                    for c in TABLE2_CONDITIONS]
+            n = cell[(v, "clean")]["seeds"] if (v, "clean") in cell else 0
+            lines.append(f"| {v} ({n} seeds) | " + " | ".join(vals) + " |")
     lines += ["", "| comparison | condition | difference (points) | min … max | w/t/l |", "|---|---|---|---|---|"]
     for p in paired:
         lines.append(f"| {p['a']} − {p['b']} | {p['condition']} | {100 * p['diff_mean']:+.2f} ± "
