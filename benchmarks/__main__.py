@@ -7,7 +7,7 @@ BENCHMARKS = {"extract": "benchmarks.bench_extract", "train": "benchmarks.bench_
               "gpu": "benchmarks.bench_gpu",
               "checksum": "benchmarks.bench_checksum", "finite": "benchmarks.bench_finite",
               "scale": "benchmarks.bench_scale", "grouping": "benchmarks.bench_grouping",
-              "guard": "benchmarks.bench_step_guard"}
+              "guard": "benchmarks.bench_step_guard", "packing": "benchmarks.bench_text_packing"}
 
 
 def main(argv: list[str]) -> None:

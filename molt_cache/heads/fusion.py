@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from molt_cache.heads.molt import PairSlots, attend, gather_rows
+from molt_cache.heads.molt import PairSlots, attend, gather_rows, packed_linear
 
 
 class Fusion(nn.Module):
@@ -26,14 +26,16 @@ class Fusion(nn.Module):
                 text_final: torch.Tensor, text_mask: torch.Tensor,
                 image_present: torch.Tensor | None = None,
                 text_present: torch.Tensor | None = None,
-                image_rows: torch.Tensor | None = None, slots: PairSlots | None = None) -> torch.Tensor:
+                image_rows: torch.Tensor | None = None, slots: PairSlots | None = None,
+                text_rows: torch.Tensor | None = None) -> torch.Tensor:
         """query (B, Q); E_i (B, Ti, D_i); E_t (B, Tt, D_t); masks True = real token.
         `*_present` (B,) bool, given only for the 'translate' strategy: an absent modality's
         E_r is replaced by the present one's, so the absent features never reach the output.
         image_rows (B,) int64: E_i and its mask hold the batch's distinct images (U, Ti, ...);
         the image keys/values are projected once per image and gathered to the pairs.
         slots (with image_rows): the same, the K pairs' queries of an image attending to its
-        keys together (PairSlots) instead of gathering its keys/values per pair."""
+        keys together (PairSlots) instead of gathering its keys/values per pair.
+        text_rows (`real_token_rows` of text_mask): E_t's keys/values projected on real tokens only."""
         def pairs(t: torch.Tensor) -> torch.Tensor:
             return gather_rows(t, image_rows)
 
@@ -46,7 +48,8 @@ class Fusion(nn.Module):
         else:
             e_image = attend(q, pairs(self.image_key(image_final)), pairs(self.image_value(image_final)),
                              pairs(image_mask))[:, 0]  # (B, d_c) E_r,i
-        e_text = attend(q, self.text_key(text_final), self.text_value(text_final),
+        e_text = attend(q, packed_linear(self.text_key, text_final, text_rows),
+                        packed_linear(self.text_value, text_final, text_rows),
                         text_mask)[:, 0]  # (B, d_c) E_r,t
         if text_present is not None and image_present is not None:
             e_text_in = e_text

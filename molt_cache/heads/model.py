@@ -14,7 +14,8 @@ from molt_cache.batch import FeatureBatch
 from molt_cache.config import HeadsConfig
 from molt_cache.heads.fbp import factorized_bilinear_pool
 from molt_cache.heads.fusion import Fusion
-from molt_cache.heads.molt import LayerStates, MoltLayer, PairSlots, attend, pair_slots
+from molt_cache.heads.molt import (LayerStates, MoltLayer, PairSlots, attend, packed_linear, pair_slots,
+                                   real_token_rows)
 from molt_cache.losses.cca import dcca_loss
 
 MODELS = ("molt", "baseline", "text-only", "image-only")
@@ -156,9 +157,10 @@ class MoltHeads(nn.Module):
                              f"(built for another cache?)")
 
     def _layer_states(self, layer: MoltLayer, image: torch.Tensor, text: torch.Tensor,
-                      batch: FeatureBatch, translate: bool, slots: PairSlots | None) -> LayerStates:
+                      batch: FeatureBatch, translate: bool, slots: PairSlots | None,
+                      text_rows: torch.Tensor | None) -> LayerStates:
         # (B or U, Ti, d_c), (B, Tt, d_c): I'_l once per distinct image when image_rows is set
-        image_proj, text_proj = layer.project(image, text)
+        image_proj, text_proj = layer.project(image, text, text_rows)
         image_mask, text_mask = batch.image_mask.bool(), batch.text_mask.bool()
         if not translate:
             return layer.interact(image_proj, image_mask, text_proj, text_mask, batch.image_rows, slots)
@@ -190,7 +192,8 @@ class MoltHeads(nn.Module):
         n = self.cfg.layers
         # translate substitutes per pair: it expands to pairs and needs no layout
         slots = None if translate else _slots(batch)
-        common = [self._layer_states(layer, image, text, batch, translate, slots)
+        text_rows = real_token_rows(batch.text_mask.bool())  # once for every layer and the fusion
+        common = [self._layer_states(layer, image, text, batch, translate, slots, text_rows)
                   for layer, image, text in zip(self.layers, batch.image_layers[-n:],
                                                 batch.text_layers[-n:])]
 
@@ -223,7 +226,7 @@ class MoltHeads(nn.Module):
             present = _present_flags(batch) if translate else (None, None)
             fused = self.fusion(robust, batch.image_final, batch.image_mask.bool(),
                                 batch.text_final, batch.text_mask.bool(), *present,
-                                image_rows=batch.image_rows, slots=slots)
+                                image_rows=batch.image_rows, slots=slots, text_rows=text_rows)
         return HeadsOutput(
             logits=self.classifier(fused),
             cca_loss=cca_loss,
@@ -250,9 +253,11 @@ class BaselineHeads(nn.Module):
         _check_strategy(missing_strategy)
         present = _present_flags(batch) if missing_strategy == "translate" else (None, None)
         query = self.query.expand(batch.size, -1)  # (B, d_c)
+        text_mask = batch.text_mask.bool()
         fused = self.fusion(query, batch.image_final, batch.image_mask.bool(),
-                            batch.text_final, batch.text_mask.bool(), *present,
-                            image_rows=batch.image_rows, slots=_slots(batch))
+                            batch.text_final, text_mask, *present,
+                            image_rows=batch.image_rows, slots=_slots(batch),
+                            text_rows=real_token_rows(text_mask))
         return HeadsOutput(logits=self.classifier(fused), cca_loss=None, common=[], robust=None)
 
 
@@ -280,8 +285,11 @@ class UnimodalHeads(nn.Module):
         _check_strategy(missing_strategy)  # nothing to translate from: one modality is all it has
         final, mask = ((batch.text_final, batch.text_mask) if self.modality == "text"
                        else (batch.image_final, batch.image_mask))
+        mask = mask.bool()
+        rows = real_token_rows(mask)  # texts are padded to the batch's longest
         q = self.query_proj(self.query.expand(batch.size, -1))[:, None, :]  # (B, 1, d_c)
-        e = attend(q, self.key(final), self.value(final), mask.bool())[:, 0]  # (B, d_c) E_r,m
+        e = attend(q, packed_linear(self.key, final, rows), packed_linear(self.value, final, rows),
+                   mask)[:, 0]  # (B, d_c) E_r,m
         return HeadsOutput(logits=self.classifier(0.5 * self.norm(e)), cca_loss=None, common=[], robust=None)
 
 
