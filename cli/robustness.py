@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import console, parse_float_list, print_config, user_errors
+from cli.common import console, parse_float_list, parse_list, print_config, user_errors
 from molt_cache.robustness.evaluate import RobustnessConfig
 
 
@@ -35,8 +35,8 @@ def robustness(
 
     with user_errors():
         cfg = RobustnessConfig(
-            runs=run, noise=parse_float_list(noise), levels=[x.strip() for x in level.split(",") if x.strip()],
-            missing=[] if missing.strip() == "none" else [x.strip() for x in missing.split(",") if x.strip()],
+            runs=run, noise=parse_float_list(noise, "--noise"), levels=parse_list(level, "--level"),
+            missing=[] if missing.strip() == "none" else parse_list(missing, "--missing"),
             noise_on=noise_on, strategy=strategy, missing_rate=missing_rate, missing_type=missing_type,
             seed=seed, split=split,
             cache=cache, device=device, store=store, report_dir=report_dir)

@@ -6,7 +6,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cli.common import console, parse_float_list, parse_int_list, print_config, user_errors
+from cli.common import console, parse_float_list, parse_int_list, parse_list, print_config, user_errors
 from molt_cache.sweep import SweepConfig
 
 
@@ -37,9 +37,9 @@ def sweep(
 
     with user_errors():
         cfg = SweepConfig(
-            cache=cache, variants=[v.strip() for v in variants.split(",") if v.strip()],
-            seeds=parse_int_list(seeds, "--seeds"), out_dir=out_dir, noise=parse_float_list(noise),
-            missing=[] if missing.strip() == "none" else [m.strip() for m in missing.split(",") if m.strip()],
+            cache=cache, variants=parse_list(variants, "--variants"),
+            seeds=parse_int_list(seeds, "--seeds"), out_dir=out_dir, noise=parse_float_list(noise, "--noise"),
+            missing=[] if missing.strip() == "none" else parse_list(missing, "--missing"),
             strategy=strategy, reg_weight=reg_weight,
             train={"epochs": epochs, "batch_size": batch_size, "patience": patience, "device": device,
                    **({"missing_rate": missing_rate, "missing_type": missing_type} if missing_rate else {})},

@@ -7,7 +7,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
-from cli.common import console, print_config, user_errors
+from cli.common import console, parse_list, print_config, user_errors
 from molt_cache.config import HeadsConfig, TrainConfig
 
 
@@ -57,13 +57,13 @@ def train_heads(
             reg_weights = parse_reg_spec(reg)
         heads_cfg = HeadsConfig(model=model, d_common=d_common, layers=layers, fbp_stride=fbp_stride,
                                 fbp_signed_sqrt=fbp_signed_sqrt,
-                                ablate=[a.strip() for a in ablate.split(",") if a.strip()])
+                                ablate=parse_list(ablate, "--ablate"))
         cfg = TrainConfig(cache=cache, run_dir=run_dir, epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha,
                           beta=beta, seed=seed, device=device, amp=amp, patience=patience, in_memory=in_memory,
                           store=store, pairs_per_image=pairs_per_image,
                           num_workers=num_workers, missing_rate=missing_rate, missing_type=missing_type,
                           train_noise=train_noise, train_noise_on=train_noise_on, reg=reg_weights)
-        print_config("train-heads", cfg, heads_cfg)
+        print_config("train-heads", cfg, heads_cfg, from_cache=("num_classes", "multi_label"))
 
         progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
