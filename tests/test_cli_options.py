@@ -84,3 +84,19 @@ def test_lists_parse_as_before():
     assert parse_float_list("", "--noise") == [] and parse_list(" ", "--level") == []
     assert parse_int_list("0,1,2", "--seeds") == [0, 1, 2]
     assert parse_list("text,image", "--missing") == ["text", "image"]
+
+
+def test_config_line_marks_what_the_cache_fills():
+    import io
+
+    from rich.console import Console
+
+    from cli.common import print_config
+    from molt_cache.config import HeadsConfig
+
+    out = io.StringIO()
+    print_config("train-heads", HeadsConfig(d_common=128), to=Console(file=out, soft_wrap=True),
+                 from_cache=("num_classes", "multi_label"))
+    line = out.getvalue()
+    assert "num_classes=(from the cache)  multi_label=(from the cache)" in line and "d_common=128" in line
+    assert "num_classes=0" not in line
