@@ -1,4 +1,4 @@
-"""GPU readiness check (issue 14): one command that proves the CUDA paths and measures stage one and
+"""GPU readiness check: one command that proves the CUDA paths and measures stage one and
 stage two at the paper's shapes, sized for a single 8-minute call on one H200.
 
     python -m benchmarks gpu                       # on a GPU: every step at paper shapes (≤ 8 min)
@@ -24,8 +24,8 @@ with its error, the others still run, and the exit code is 1):
               padding computed, batch sizes, TFLOP/s inside the encoders, bytes written
   ranks       `molt extract --devices 0,0` (torchrun, two ranks on one GPU) vs one rank, fp32
               (must be byte-identical) and fp16 (within a stated tolerance)
-  stage_two   `python -m benchmarks scale --preset paper --no-memory` (issue 13's benchmark) on
-              this device: training-epoch pairs/s at d_c 1024 (per-pair and image-once), beside
+  stage_two   the stage-two scale benchmark, `python -m benchmarks scale --preset paper --no-memory`,
+              on this device: training-epoch pairs/s at d_c 1024 (per-pair and image-once), beside
               `online`: the cache's speed-up per epoch and after how many epochs extraction pays
               for itself (the per-placement peak-memory runs of that benchmark are left out: they
               alone could take minutes; run them in a call of their own)

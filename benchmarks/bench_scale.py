@@ -1,4 +1,4 @@
-"""Stage two at the paper's scale (issue 13): today's loaders vs the feature store, and one
+"""Stage two at the paper's scale: today's loaders vs the feature store, and one
 training epoch with per-pair vs image-once compute, on a synthetic SNLI-VE-shaped cache.
 
 In one run, side by side:
@@ -441,14 +441,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks scale", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="shapes and sizes (Presets above)")
     ap.add_argument("--json", default=None, help="write every number to this JSON file")
     ap.add_argument("--pairs", type=int, default=None, help="pairs in the synthetic cache (default: the preset's)")
     ap.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                     help="autocast of the training epoch (auto: bf16 on CUDA, off on CPU)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-placement peak memory runs")
-    ap.add_argument("--out", default=str(DOC))
+    ap.add_argument("--out", default=str(DOC),
+                    help="the Markdown file whose section this benchmark replaces (default: docs/benchmarks.md)")
     ap.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
     ap.add_argument("--_peak", help=argparse.SUPPRESS)
     ap.add_argument("--_cache", help=argparse.SUPPRESS)

@@ -4,11 +4,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+from typing import Callable, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
+
+T = TypeVar("T")
 
 # soft_wrap: rich never inserts line breaks into printed lines (a terminal still wraps them
 # visually), so paths and commands stay whole when copied or when output goes to a log file.
@@ -22,13 +25,15 @@ def log_line(line: str) -> None:
     err_console.print(line, markup=False, highlight=False)
 
 
-def print_config(title: str, *configs, to: Console | None = None) -> None:
+def print_config(title: str, *configs, to: Console | None = None, from_cache: tuple[str, ...] = ()) -> None:
     """Print the resolved config at start (what runs is what you see), one line per config;
-    `to` another console (stderr, when stdout carries JSON for scripts)."""
+    `to` another console (stderr, when stdout carries JSON for scripts); `from_cache` the fields
+    the library fills from the cache after this is printed (their placeholder would mislead)."""
     out = to or console
     lines = []
     for c in configs:
-        fields = "  ".join(f"{k}={json.dumps(v, default=str)}" for k, v in dataclasses.asdict(c).items())
+        fields = "  ".join(f"{k}=" + ("(from the cache)" if k in from_cache else json.dumps(v, default=str))
+                           for k, v in dataclasses.asdict(c).items())
         lines.append((type(c).__name__, fields))
     if not out.is_terminal:  # a log file: whole lines, no box to crop or wrap them
         for name, fields in lines:
@@ -48,15 +53,29 @@ def user_errors():
         raise typer.Exit(code=2) from None
 
 
-def parse_float_list(text: str) -> list[float]:
+def parse_list(text: str, option: str, convert: Callable[[str], T] = str, kind: str = "names") -> list[T]:
+    """The comma-separated items of `option`; "" is no items. An empty item (`0.05,,0.2`, a
+    trailing comma) or a repeated one (`0.05,0.05`) is refused rather than dropped or run twice:
+    either is most likely a typo, and a repeat would train or evaluate the same thing again."""
+    items = [x.strip() for x in text.split(",")]
+    if items == [""]:
+        return []
+    if "" in items:
+        raise ValueError(f"{option} {text!r} has an empty item; give comma-separated {kind}, e.g. {option} "
+                         f"{','.join(x for x in items if x)}")
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [convert(x) for x in items]
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+        raise ValueError(f"{option}: expected comma-separated {kind}, got {text!r}") from None
+    repeated = [x for i, (x, v) in enumerate(zip(items, values)) if v in values[:i]]
+    if repeated:
+        raise ValueError(f"{option} {text!r} repeats {', '.join(repeated)}; give each value once")
+    return values
+
+
+def parse_float_list(text: str, option: str) -> list[float]:
+    return parse_list(text, option, float, "numbers")
 
 
 def parse_int_list(text: str, option: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"{option}: expected comma-separated integers, got {text!r}") from None
+    return parse_list(text, option, int, "integers")

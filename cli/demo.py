@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import shlex
 from typing import Annotated
 
 import typer
@@ -13,10 +15,10 @@ def demo(
     out_dir: Annotated[str, typer.Option(help="Where the cache, runs and report go (reused on rerun).")] = "molt-out/demo",
     dataset: Annotated[str, typer.Option(help="openclipart-sample (real drawings, 14 classes) | sample (synthetic, 4 classes)")] = "openclipart-sample",
     tiny: Annotated[bool, typer.Option(help="Tiny random encoders instead of the shipped SmolLM2 + EfficientNet-Lite0.")] = False,
-    epochs: Annotated[int, typer.Option()] = 30,
+    epochs: Annotated[int, typer.Option(help="Most epochs per head; early stopping after 8 without a better val metric.")] = 30,
     d_common: Annotated[int, typer.Option(help="d_c of the heads.")] = 128,
-    seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option()] = "auto",
+    seed: Annotated[int, typer.Option(help="Seeds training and the robustness draws.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA if available, else CPU) | cpu | cuda | cuda:N")] = "auto",
 ):
     """Run the whole pipeline on a bundled sample: extract → train MoLT and baseline → robustness.
 
@@ -57,7 +59,14 @@ def demo(
     console.print(f"report folder:   {result.report_dir}", markup=False, highlight=False)
     for path in result.report_files.values():
         console.print(f"  wrote {path}", markup=False, highlight=False)
-    example = ("data/sample/images/img_000.jpg", "a photo of a cat") if dataset == "sample" else \
-        ("data/openclipart_sample/images/animals__bat_orlando_karam_.png", "bat. mammal")
-    console.print(f"next: molt predict --run {result.runs['molt']} --image {example[0]} --text \"{example[1]}\"",
-                  markup=False, highlight=False)
+    from molt_cache.datasets.sample import OPENCLIPART_SAMPLE_DIR, SAMPLE_DIR
+
+    image, text = (SAMPLE_DIR / "images" / "img_000.jpg", "a photo of a cat") if dataset == "sample" else \
+        (OPENCLIPART_SAMPLE_DIR / "images" / "animals__bat_orlando_karam_.png", "bat. mammal")
+    # the bundled images live in the checkout, wherever the user runs from: shown relative to the
+    # cwd when under it (short, and what the docs show), else absolute, so the hint runs as printed
+    shown = os.path.relpath(image)
+    if shown.startswith(".."):
+        shown = str(image)
+    console.print(f"next: molt predict --run {shlex.quote(str(result.runs['molt']))} --image {shlex.quote(shown)} "
+                  f"--text {shlex.quote(text)}", markup=False, highlight=False)

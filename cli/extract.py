@@ -25,7 +25,7 @@ def extract(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)")] = "auto",
     out_dir: Annotated[str, typer.Option(help="Cache folder; rerun the same command to resume.")] = "molt-out/cache",
     batch_tokens: Annotated[int, typer.Option(help="Text batch budget: longest × count.")] = 16384,
-    image_batch_size: Annotated[int, typer.Option()] = 64,
+    image_batch_size: Annotated[int, typer.Option(help="Images encoded per batch.")] = 64,
     num_workers: Annotated[int, typer.Option(help="DataLoader workers decoding images (default: min(4, cores)).")] = min(4, os.cpu_count() or 1),
     on_bad: Annotated[str, typer.Option(help="error | skip (skipped rows are listed and reported)")] = "error",
     force: Annotated[bool, typer.Option(help="Write even if free disk is below the planned bytes.")] = False,

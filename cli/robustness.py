@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import console, parse_float_list, print_config, user_errors
+from cli.common import console, parse_float_list, parse_list, print_config, user_errors
 from molt_cache.robustness.evaluate import RobustnessConfig
 
 
@@ -16,12 +16,12 @@ def robustness(
     level: Annotated[str, typer.Option(help="feature (on the cache) | input (pixels / token embeddings, fresh extraction) | feature,input")] = "feature",
     noise_on: Annotated[str, typer.Option(help="image | text | both")] = "both",
     strategy: Annotated[str, typer.Option(help="Absent modality as: zero | empty (input level) | translate")] = "zero",
-    missing_rate: Annotated[float, typer.Option(help="Missing-aware-prompting protocol: fraction of test pairs missing (0 = all).")] = 0.0,
+    missing_rate: Annotated[float, typer.Option(help="Feature level: the fraction of test pairs that lose the modality in each --missing condition (the missing-aware-prompting protocol). 0, the default, means every pair loses it (the paper's Table 3).")] = 0.0,
     missing_type: Annotated[str, typer.Option(help="With --missing-rate: both adds a row where half the missing pairs lack text, half the image.")] = "both",
-    seed: Annotated[int, typer.Option()] = 0,
-    split: Annotated[str, typer.Option()] = "test",
+    seed: Annotated[int, typer.Option(help="Seeds the noise (feature and input level) and the missing-pair draws, the same for every run compared.")] = 0,
+    split: Annotated[str, typer.Option(help="Split of the cache to evaluate: test | val | train.")] = "test",
     cache: Annotated[str, typer.Option(help="Evaluate on this cache instead of the one the runs were trained on.")] = "",
-    device: Annotated[str, typer.Option()] = "auto",
+    device: Annotated[str, typer.Option(help="auto (CUDA if available, else CPU) | cpu | cuda | cuda:N")] = "auto",
     store: Annotated[str, typer.Option(help="Where the evaluated split's features live, as in train-heads: auto (the fastest that fits) | device | host | stream.")] = "auto",
     report_dir: Annotated[str, typer.Option(help="Folder for results.json/csv and plots.")] = "reports/robustness",
 ):
@@ -35,8 +35,8 @@ def robustness(
 
     with user_errors():
         cfg = RobustnessConfig(
-            runs=run, noise=parse_float_list(noise), levels=[x.strip() for x in level.split(",") if x.strip()],
-            missing=[] if missing.strip() == "none" else [x.strip() for x in missing.split(",") if x.strip()],
+            runs=run, noise=parse_float_list(noise, "--noise"), levels=parse_list(level, "--level"),
+            missing=[] if missing.strip() == "none" else parse_list(missing, "--missing"),
             noise_on=noise_on, strategy=strategy, missing_rate=missing_rate, missing_type=missing_type,
             seed=seed, split=split,
             cache=cache, device=device, store=store, report_dir=report_dir)

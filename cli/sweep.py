@@ -6,7 +6,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cli.common import console, parse_float_list, parse_int_list, print_config, user_errors
+from cli.common import console, parse_float_list, parse_int_list, parse_list, print_config, user_errors
 from molt_cache.sweep import SweepConfig
 
 
@@ -19,11 +19,11 @@ def sweep(
     missing: Annotated[str, typer.Option(help="Absent modalities to evaluate: text,image | none.")] = "text,image",
     strategy: Annotated[str, typer.Option(help="zero | translate")] = "zero",
     reg_weight: Annotated[float, typer.Option(help="Weight of each reg:NAME variant's regularizer.")] = 0.1,
-    epochs: Annotated[int, typer.Option()] = 20,
-    batch_size: Annotated[int, typer.Option()] = 64,
-    d_common: Annotated[int, typer.Option()] = 1024,
-    patience: Annotated[int, typer.Option()] = 5,
-    device: Annotated[str, typer.Option()] = "auto",
+    epochs: Annotated[int, typer.Option(help="Most epochs per run; early stopping may end sooner (--patience).")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Pairs per training batch (at least 2).")] = 64,
+    d_common: Annotated[int, typer.Option(help="d_c, width of the common space. 1024 is the paper's value (sized for LLaMA-7B + ViT-L/14), 10× or more slower than 128 on a CPU; for CPU runs use 128, as the docs' examples and `molt demo` do.")] = 1024,
+    patience: Annotated[int, typer.Option(help="Early stopping: epochs without a better val metric.")] = 5,
+    device: Annotated[str, typer.Option(help="auto (CUDA if available, else CPU) | cpu | cuda | cuda:N")] = "auto",
     missing_rate: Annotated[float, typer.Option(help="Train every run with this fraction of pairs missing a modality.")] = 0.0,
     missing_type: Annotated[str, typer.Option(help="both | text | image (with --missing-rate)")] = "both",
 ):
@@ -37,9 +37,9 @@ def sweep(
 
     with user_errors():
         cfg = SweepConfig(
-            cache=cache, variants=[v.strip() for v in variants.split(",") if v.strip()],
-            seeds=parse_int_list(seeds, "--seeds"), out_dir=out_dir, noise=parse_float_list(noise),
-            missing=[] if missing.strip() == "none" else [m.strip() for m in missing.split(",") if m.strip()],
+            cache=cache, variants=parse_list(variants, "--variants"),
+            seeds=parse_int_list(seeds, "--seeds"), out_dir=out_dir, noise=parse_float_list(noise, "--noise"),
+            missing=[] if missing.strip() == "none" else parse_list(missing, "--missing"),
             strategy=strategy, reg_weight=reg_weight,
             train={"epochs": epochs, "batch_size": batch_size, "patience": patience, "device": device,
                    **({"missing_rate": missing_rate, "missing_type": missing_type} if missing_rate else {})},

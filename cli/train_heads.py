@@ -7,7 +7,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
-from cli.common import console, print_config, user_errors
+from cli.common import console, parse_list, print_config, user_errors
 from molt_cache.config import HeadsConfig, TrainConfig
 
 
@@ -16,16 +16,16 @@ def train_heads(
     run_dir: Annotated[str, typer.Option(help="Folder for config, checkpoint, metrics and log.")] = "runs/molt",
     model: Annotated[str, typer.Option(help="molt | baseline | text-only | image-only (the same fusion and classifier reading one modality: the ceiling a fused model can reach when the other is absent).")] = "molt",
     ablate: Annotated[str, typer.Option(help="Comma-separated parts to remove: cross-attn,cca,M,fusion,fbp.")] = "",
-    d_common: Annotated[int, typer.Option(help="d_c, width of the common space.")] = 1024,
+    d_common: Annotated[int, typer.Option(help="d_c, width of the common space. 1024 is the paper's value (sized for LLaMA-7B + ViT-L/14), 10× or more slower than 128 on a CPU; for CPU runs use 128, as the docs' examples and `molt demo` do.")] = 1024,
     layers: Annotated[int, typer.Option(help="L_s, selected layers (must match the cache).")] = 4,
     fbp_stride: Annotated[int, typer.Option(help="s, FBP sum-pool stride.")] = 4,
     fbp_signed_sqrt: Annotated[bool, typer.Option(help="Signed square root before FBP's L2 norm.")] = False,
-    epochs: Annotated[int, typer.Option()] = 20,
-    batch_size: Annotated[int, typer.Option()] = 64,
-    lr: Annotated[float, typer.Option()] = 4e-4,
+    epochs: Annotated[int, typer.Option(help="Most epochs to train; early stopping may end sooner (--patience).")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Pairs per training batch (at least 2: the CCA loss needs two).")] = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (the paper's 4e-4).")] = 4e-4,
     alpha: Annotated[float, typer.Option(help="Weight of L_CCA.")] = 0.1,
     beta: Annotated[float, typer.Option(help="Weight of the task loss.")] = 0.9,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Seeds the heads' initialization, the batch order and the missing / noise draws; train 3+ seeds and compare paired by seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     amp: Annotated[str, typer.Option(help="auto (fp16 on CUDA, off on CPU) | off | fp16 | bf16")] = "auto",
     patience: Annotated[int, typer.Option(help="Early stopping: epochs without a better val metric.")] = 5,
@@ -57,13 +57,13 @@ def train_heads(
             reg_weights = parse_reg_spec(reg)
         heads_cfg = HeadsConfig(model=model, d_common=d_common, layers=layers, fbp_stride=fbp_stride,
                                 fbp_signed_sqrt=fbp_signed_sqrt,
-                                ablate=[a.strip() for a in ablate.split(",") if a.strip()])
+                                ablate=parse_list(ablate, "--ablate"))
         cfg = TrainConfig(cache=cache, run_dir=run_dir, epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha,
                           beta=beta, seed=seed, device=device, amp=amp, patience=patience, in_memory=in_memory,
                           store=store, pairs_per_image=pairs_per_image,
                           num_workers=num_workers, missing_rate=missing_rate, missing_type=missing_type,
                           train_noise=train_noise, train_noise_on=train_noise_on, reg=reg_weights)
-        print_config("train-heads", cfg, heads_cfg)
+        print_config("train-heads", cfg, heads_cfg, from_cache=("num_classes", "multi_label"))
 
         progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),

@@ -93,3 +93,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_numbers(self)
+        # checked here even when unused (--missing-rate 0, --train-noise 0), so a typo is refused
+        # before any cache is read rather than accepted or caught after the store is loaded;
+        # imported here: perturb pulls in torch, which `molt --help` should not wait for
+        from molt_cache.perturb import MISSING_TYPES, NOISE_ON
+
+        for option, value, valid in (("--missing-type", self.missing_type, MISSING_TYPES),
+                                     ("--train-noise-on", self.train_noise_on, NOISE_ON)):
+            if value not in valid:
+                raise ValueError(f"unknown {option} {value!r}; valid: {list(valid)}")

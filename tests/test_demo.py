@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -23,7 +25,8 @@ def test_demo_without_shipped_weights_says_how_to_install(monkeypatch, tmp_path)
     assert "Traceback" not in result.output
 
 
-def test_tiny_demo_end_to_end_then_reuses_everything(tmp_path):
+def test_tiny_demo_end_to_end_then_reuses_everything(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # run from outside the checkout: the printed hint must still work
     args = ["demo", "--dataset", "sample", "--tiny", "--out-dir", str(tmp_path), "--epochs", "2", "--d-common", "32",
             "--device", "cpu"]
     first = runner.invoke(app, args)
@@ -48,6 +51,8 @@ def test_tiny_demo_end_to_end_then_reuses_everything(tmp_path):
     assert f"wrote {report / 'noise_accuracy.png'}" in out and f"wrote {report / 'results.csv'}" in out
     assert f"molt run:        {tmp_path / 'sample' / 'tiny' / 'runs' / 'molt'}" in out and "next: molt predict --run" in out
     assert "\r" not in out
+    hint = shlex.split(next(x for x in out.splitlines() if x.startswith("next: molt predict"))[len("next: "):])
+    assert Path(hint[hint.index("--image") + 1]).is_file() and Path(hint[hint.index("--run") + 1]).is_dir()
 
     second = runner.invoke(app, args)
     assert second.exit_code == 0, second.output

@@ -5,6 +5,7 @@ placement choice and refusals, and train-heads from the store vs streaming."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from _cache_fixture import TinySpec, _store, write_tiny_cache
 from molt_cache.cache import loader as loader_mod
 from molt_cache.cache.loader import grouped_order, make_loader
 from molt_cache.cache.reader import open_cache
-from molt_cache.cache.store import BufferPool, FeatureStore, Placement, choose_placement
+from molt_cache.cache.store import BufferPool, FeatureStore, Placement, _size, choose_placement
 from molt_cache.config import HeadsConfig, TrainConfig
 from molt_cache.perturb import MissingTable, make_perturb
 
@@ -173,15 +174,23 @@ def test_bytes_to_device_counts_indices_and_host_rows(tmp_path):
         assert store.pairs_served == 37
 
 
+def test_sizes_read_in_the_unit_that_fits():
+    assert _size(3 * 2 ** 30) == "3.00 GiB" and _size(2 ** 30) == "1.00 GiB"
+    assert _size(12.5 * 2 ** 20) == "12.50 MiB" and _size(2 ** 30 - 2 ** 20) == "1023.00 MiB"
+    assert _size(1536) == "1.5 KiB" and _size(0) == "0.0 KiB"
+
+
 def test_placement_choice_and_refusals(tmp_path, monkeypatch):
     write_tiny_cache(tmp_path / "c", TinySpec(splits={"train": 37}))
     split = open_cache(tmp_path / "c").split("train")
     placement, line = choose_placement([split], "auto", CPU)
-    assert placement == Placement("device", "device") and "GiB" in line
-    assert choose_placement([split], "stream", CPU)[0].name == "stream"
+    # a tiny cache is sized in KiB, not "0.00 GiB"; every placement's line says "feature store:"
+    assert placement == Placement("device", "device") and re.search(r"text \d+\.\d KiB in RAM", line), line
+    placement, line = choose_placement([split], "stream", CPU)
+    assert placement.name == "stream" and re.match(r"feature store: stream; streaming from disk \(\d+\.\d KiB stored\)$", line)
     monkeypatch.setattr(loader_mod, "available_memory_bytes", lambda: 1000)
     for kind in ("device", "host"):
-        with pytest.raises(MemoryError, match=rf"--store {kind}: .*needs .* GiB .*only .* GiB"):
+        with pytest.raises(MemoryError, match=rf"--store {kind}: .*needs .* KiB .*only 0\.8 KiB"):
             choose_placement([split], kind, CPU)
     assert choose_placement([split], "auto", CPU)[0].name == "stream"  # the fastest that fits
     with pytest.raises(ValueError, match="valid"):

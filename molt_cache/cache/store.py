@@ -74,6 +74,15 @@ def _where(device: torch.device, place: str) -> str:
     return "pinned host RAM" if device.type == "cuda" else "RAM"
 
 
+def _size(n: float) -> str:
+    """Bytes for a person: GiB from 1 GiB, else MiB (else KiB), so a small cache does not read as
+    0.00 GiB."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 2 ** 10:.1f} KiB"
+
+
 def choose_placement(splits: list[CacheSplit], store: str, device: torch.device) -> tuple[Placement, str]:
     """The placement for `--store` (auto: the fastest that fits) and a line saying what it needs.
 
@@ -83,11 +92,11 @@ def choose_placement(splits: list[CacheSplit], store: str, device: torch.device)
     unique = list({id(s): s for s in splits}.values())
     text = sum(modality_bytes(s.text) for s in unique)
     image = sum(modality_bytes(s.image) for s in unique)
-    gib = 2.0 ** 30
     dev_free = _free_bytes(device)
     host_free = _free_bytes(torch.device("cpu"))
     if store == "stream":
-        return Placement("stream", "stream"), f"streaming from disk ({(text + image) / gib:.2f} GiB stored)"
+        return Placement("stream", "stream"), (
+            f"feature store: stream; streaming from disk ({_size(text + image)} stored)")
     on_gpu = device.type == "cuda"
     candidates = [("device", Placement("device", "device"), text + image, 0)]
     if on_gpu:
@@ -100,20 +109,20 @@ def choose_placement(splits: list[CacheSplit], store: str, device: torch.device)
         fits = (dev_need + host_need <= host_free) if not on_gpu else (
             dev_need <= dev_free and host_need <= host_free)
         if fits:
-            line = (f"feature store: {placement.name}; text {text / gib:.2f} GiB in "
-                    f"{_where(device, placement.text)}, image {image / gib:.2f} GiB in "
+            line = (f"feature store: {placement.name}; text {_size(text)} in "
+                    f"{_where(device, placement.text)}, image {_size(image)} in "
                     f"{_where(device, placement.image)}")
             return placement, line
         if store != "auto":
             where = _where(device, kind)
             have = dev_free if kind == "device" and on_gpu else host_free
             raise MemoryError(
-                f"--store {store}: the feature store needs {(text + image) / gib:.2f} GiB "
-                f"(text {text / gib:.2f}, image {image / gib:.2f}) in {where} but only "
-                f"{have / gib:.2f} GiB may be used; use --store auto, host or stream")
+                f"--store {store}: the feature store needs {_size(text + image)} "
+                f"(text {_size(text)}, image {_size(image)}) in {where} but only "
+                f"{_size(have)} may be used; use --store auto, host or stream")
     return Placement("stream", "stream"), (
-        f"feature store: stream (text {text / gib:.2f} + image {image / gib:.2f} GiB fit neither "
-        f"{device} ({dev_free / gib:.2f} GiB usable) nor host RAM ({host_free / gib:.2f} GiB usable))")
+        f"feature store: stream (text {_size(text)} + image {_size(image)} fit neither "
+        f"{device} ({_size(dev_free)} usable) nor host RAM ({_size(host_free)} usable))")
 
 
 # -- arrays held once -----------------------------------------------------------------------------

@@ -51,9 +51,9 @@ class RobustnessConfig:
         check_numbers(self)
         for lvl in self.levels:
             if lvl not in LEVELS:
-                raise ValueError(f"unknown level {lvl!r}; valid: {LEVELS}")
+                raise ValueError(f"unknown --level {lvl!r}; valid: {list(LEVELS)}")
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; valid: {STRATEGIES}")
+            raise ValueError(f"unknown --strategy {self.strategy!r}; valid: {list(STRATEGIES)}")
         if self.strategy == "empty" and "input" not in self.levels:
             raise ValueError("--strategy empty runs an empty text / blank image through the encoders: add --level input")
         if self.noise_on not in ("image", "text", "both"):
