@@ -141,7 +141,9 @@ class SplitStores:
     once per split). A split evaluated under feature-level conditions (`keep`) is loaded once and
     shared by every run and condition; an input-level split (its own perturbed cache) is held only
     until the next one comes, so memory holds at most two splits. `stream` (or a split that fits
-    nowhere) reads from disk per batch."""
+    nowhere) reads from disk per batch. Every split is refused if it holds inf/NaN (an older or
+    altered cache) when first loaded: the store checks each block as it reads it, a streamed split
+    is read through once (`scan_split`)."""
 
     def __init__(self, store: str, device, log: Callable[[str], None]):
         self.store, self.device, self.log = store, device, log
@@ -157,7 +159,11 @@ class SplitStores:
         self.last = None  # free the previous input-level split before loading another
         placement, line = choose_placement([split], self.store, self.device)
         self.log(f"{split.reader.path} split {split.name!r}: {line}")
-        store = None if placement.text == "stream" else FeatureStore([split], placement, self.device)
+        if placement.text == "stream":
+            scan_split(split)
+            store = None
+        else:
+            store = FeatureStore([split], placement, self.device, check_finite=True)
         if keep:
             self.kept[key] = store
         else:
@@ -184,7 +190,6 @@ def run_robustness(cfg: RobustnessConfig, *, log: Callable[[str], None] = print,
         reader = open_cache(cache_path)
         check_run_matches_cache(config, reader)
         label = f"{heads_cfg.model}" + (f" -{'-'.join(heads_cfg.ablate)}" if heads_cfg.ablate else "")
-        scan_split(reader.split(cfg.split))  # refuse inf/NaN features (an older or altered cache): one read
         for cond in conds:
             split = reader.split(cfg.split)
             perturb = None
