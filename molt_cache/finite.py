@@ -33,6 +33,7 @@ import torch
 
 NONFINITE_CHECK = "every batch, in the storage dtype, before writing"  # recorded in the manifest's extraction
 DTYPE_ADVICE = "rerun with --dtype bfloat16 (fp32's range) or --dtype float32"
+SHOWN = 5  # pairs / sample ids listed in a message; the rest are counted
 
 
 class NonFiniteError(ValueError):
@@ -88,11 +89,13 @@ def check_batch(modality: str, batch: list[int], mask: torch.Tensor, arrays: dic
 
 def check_step(*, loss: torch.Tensor | None = None, params: list[torch.nn.Parameter] | None = None,
                error: BaseException | None = None, epoch: int, step: int, batch: Any, best_epoch: int,
-               run_dir: Any) -> None:
+               run_dir: Any, splits: list | None = None) -> None:
     """Stop training on a non-finite `loss`, a non-finite gradient of `params`, or an `error` the
     forward raised (e.g. `eigh` on NaN) when the batch's cached features are non-finite. Names the
-    epoch, the step (1-based within the epoch), the pairs of the batch and those whose features are
-    inf/NaN; the best checkpoint so far stays as saved. Returns when nothing is non-finite.
+    epoch, the step (1-based within the epoch), the batch's size and first pairs, and the pairs
+    whose features are inf/NaN with the arrays holding them (and, given the training `splits`,
+    the split, the sample ids and advice that fits the cache's dtype); the best checkpoint so far
+    stays as saved. Returns when nothing is non-finite.
     Reads the device at once (a host sync): the training loop uses `StepGuard` instead and calls
     this only when the forward raised."""
     what = None
@@ -105,49 +108,114 @@ def check_step(*, loss: torch.Tensor | None = None, params: list[torch.nn.Parame
             what = f"gradient ({int((~finite).sum())} of {len(grads)} parameter tensors)"
     if what is None and error is None:
         return  # the common path: one check of the loss (and of the gradients), no feature scan
-    nonfinite_pairs = nonfinite_rows(batch)
-    if error is not None and nonfinite_pairs:
+    bad = BadFeatures.of(batch)
+    if error is not None and bad.pairs:
         what = f"cached features ({type(error).__name__} in the forward: {str(error)[:120]})"
     if what is None:
         return
-    raise _stop_error(what, epoch, step, batch.index.tolist(), nonfinite_pairs, best_epoch, run_dir) from error
+    raise _stop_error(what, epoch, step, batch.index.tolist(), bad, best_epoch, run_dir, splits) from error
 
 
-def _stop_error(what: str, epoch: int, step: int, pairs: list[int], nonfinite_pairs: list[int] | None,
-                best_epoch: int, run_dir: Any) -> NonFiniteError:
-    """The error naming the step; nonfinite_pairs None: the batch's features could not be re-checked."""
+@dataclass
+class BadFeatures:
+    """The pairs of a batch whose cached features hold inf/NaN, and the arrays holding them."""
+
+    pairs: list[int]  # pair indices within their split (FeatureBatch.index)
+    arrays: list[tuple[str, str]]  # (modality, array name), in the cache's order
+
+    @classmethod
+    def of(cls, batch: Any) -> "BadFeatures":
+        """Scan a batch (reads the device)."""
+        return cls.from_masks(*nonfinite_array_masks(batch), batch.index)
+
+    @classmethod
+    def from_masks(cls, names: list[tuple[str, str]], masks: torch.Tensor, index: torch.Tensor) -> "BadFeatures":
+        """From `nonfinite_array_masks`' (K, B) verdicts and the batch's pair ids (one device read)."""
+        masks = masks.to(index.device)
+        per_array = masks.any(1).tolist()
+        return cls(index[masks.any(0)].tolist(), [n for n, bad in zip(names, per_array) if bad])
+
+
+def _listed(values: list, shown: int = SHOWN) -> str:
+    """'[55, 402, 7]' or '[55, 402, 7, 9, 11, …]' (at most `shown` values)."""
+    head = ", ".join(map(str, values[:shown]))
+    return f"[{head}, …]" if len(values) > shown else f"[{head}]"
+
+
+def _stop_error(what: str, epoch: int, step: int, pairs: list[int], bad: BadFeatures | None,
+                best_epoch: int, run_dir: Any, splits: list | None = None) -> NonFiniteError:
+    """The error naming the step; bad None: the batch's features could not be re-checked.
+    `splits`: the training splits the batch came from (names split, sample ids and the advice)."""
     kept = (f"the best checkpoint so far (epoch {best_epoch}) is left in {run_dir}" if best_epoch >= 0 else
             f"no epoch finished, so {run_dir} holds the initial heads")
-    cause = ("the cached features of this batch were not re-checked (the loader made other pairs when asked "
-             "for it again)" if nonfinite_pairs is None else
-             f"pairs with non-finite cached features: {nonfinite_pairs} (re-extract the cache with "
-             f"--dtype bfloat16 or --dtype float32)" if nonfinite_pairs else
-             "the cached features of this batch are finite (lower --lr, or train with --amp bf16 or off)")
-    return NonFiniteError(f"non-finite {what} at epoch {epoch}, step {step}; batch pairs {pairs}; {cause}; {kept}")
+    head = f"non-finite {what} at epoch {epoch}, step {step}; batch of {len(pairs)} pairs {_listed(pairs)}"
+    if bad is None:
+        cause = ("the cached features of this batch were not re-checked (the loader made other pairs when asked "
+                 "for it again)")
+    elif not bad.pairs:
+        cause = "the cached features of this batch are finite (lower --lr, or train with --amp bf16 or off)"
+    else:
+        split = splits[0] if splits else None
+
+        def stored(modality: str, name: str) -> bool:  # a perturbed batch may serve E_t apart from layer_{L-1}
+            arrays = getattr(split, modality) if split is not None else None
+            return not (name == "final" and arrays is not None and arrays.final is arrays.layers[-1])
+
+        arrays = [(m, n) for m, n in bad.arrays if stored(m, n)] or bad.arrays
+        prefix = f"{split.name}/" if split is not None else ""
+        where = ", ".join(f"{prefix}{m}/{n}" for m, n in arrays[:4]) + (
+            f" and {len(arrays) - 4} more arrays" if len(arrays) > 4 else "")
+        if split is not None:
+            where += f" of cache {split.reader.path}" if len(splits) == 1 else f" of one of the {len(splits)} caches"
+        count = f"{len(bad.pairs)} pairs " if len(bad.pairs) > SHOWN else ""
+        ids = _sample_ids(splits, bad.pairs[:SHOWN]) if splits else None
+        samples = (f" (sample{'s' if len(ids) > 1 else ''} {', '.join(repr(i) for i in ids)}"
+                   f"{', …' if len(bad.pairs) > SHOWN else ''})" if ids else "")
+        advice = split_advice(split, arrays[0][0]) if split is not None and arrays else dtype_advice(None)
+        cause = f"pairs with non-finite cached features: {count}{_listed(bad.pairs)}{samples} in {where}; {advice}"
+    return NonFiniteError(f"{head}; {cause}; {kept}")
+
+
+def _bad_rows(t: torch.Tensor) -> torch.Tensor:
+    """(N,) bool on t's device: rows of t holding inf/NaN, without a (N, T, D) bool tensor."""
+    flat = t.detach().reshape(t.shape[0], -1)
+    if flat.shape[1] == 0:
+        return torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(flat, dim=1)  # NaN propagates; ±inf shows in min or max; one pass
+    return ~(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def nonfinite_array_masks(batch: Any) -> tuple[list[tuple[str, str]], torch.Tensor]:
+    """Which pairs' cached features hold inf/NaN, per feature array: the (modality, array name)
+    of each distinct tensor of the batch (`final` is not repeated when it is `layer_{L-1}`'s
+    tensor) and a (K, B) bool on the batch's device. Device work only (no host sync); a
+    deduplicated batch is checked once per image and the verdict gathered to pairs."""
+    names, masks, seen = [], [], set()
+    device = batch.text_pooled.device
+    for modality in ("text", "image"):
+        layers = getattr(batch, f"{modality}_layers")
+        named = [*((f"layer_{k}", t) for k, t in enumerate(layers)),
+                 ("final", getattr(batch, f"{modality}_final")), ("pooled", getattr(batch, f"{modality}_pooled"))]
+        for name, t in named:
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            rows = _bad_rows(t)
+            if modality == "image" and batch.image_rows is not None:
+                rows = rows.index_select(0, batch.image_rows)
+            names.append((modality, name))
+            masks.append(rows.to(device))
+    return names, torch.stack(masks)
 
 
 def nonfinite_pair_mask(batch: Any) -> torch.Tensor:
-    """(B,) bool on the batch's device: which pairs' cached features hold inf/NaN. Device work only
-    (no host sync); a deduplicated batch is checked once per image and the verdict gathered to pairs."""
-    def bad_rows(t: torch.Tensor) -> torch.Tensor:
-        flat = t.detach().reshape(t.shape[0], -1)
-        if flat.shape[1] == 0:
-            return torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
-        lo, hi = torch.aminmax(flat, dim=1)  # NaN propagates; ±inf shows in min or max; one pass, no (B, T, D) bool
-        return ~(torch.isfinite(lo) & torch.isfinite(hi))
-
-    text = [*batch.text_layers, batch.text_final, batch.text_pooled]
-    image = [*batch.image_layers, batch.image_final, batch.image_pooled]
-    rows = torch.stack([bad_rows(t) for t in {id(t): t for t in text}.values()]).any(0)
-    image_bad = torch.stack([bad_rows(t) for t in {id(t): t for t in image}.values()]).any(0)
-    if batch.image_rows is not None:
-        image_bad = image_bad.index_select(0, batch.image_rows)
-    return rows | image_bad.to(rows.device)
+    """(B,) bool on the batch's device: which pairs' cached features hold inf/NaN (no host sync)."""
+    return nonfinite_array_masks(batch)[1].any(0)
 
 
 def nonfinite_rows(batch: Any) -> list[int]:
     """Pair indices of a FeatureBatch whose cached features hold inf/NaN (reads the device)."""
-    return batch.index[nonfinite_pair_mask(batch).to(batch.index.device)].tolist()
+    return BadFeatures.of(batch).pairs
 
 
 class StepGuard:
@@ -163,8 +231,9 @@ class StepGuard:
 
     The first non-finite step of the epoch is recorded on the device; `readback` (every LOG_EVERY
     steps and at the epoch's end, before evaluating or saving) reads it with one transfer and
-    raises NonFiniteError naming the epoch, the step, the batch's pairs and those with non-finite
-    cached features, the same message as `check_step`. Steps after a non-finite one (until that
+    raises NonFiniteError naming the epoch, the step, the batch's size and first pairs and those
+    with non-finite cached features (with their arrays; the split, sample ids and dtype advice
+    when given the training `splits`), the same message as `check_step`. Steps after a non-finite one (until that
     readback) train on from the unchanged heads; Adam's host-side step count still advances, which
     is moot since the run stops there. What is kept per pending step: the batch's pair ids, the
     loss and the count of bad gradients (small device tensors), and `rebuild`, a callable that
@@ -189,7 +258,7 @@ class StepGuard:
             bad_grads = (~torch.stack([torch.isfinite(g).all() for g in grads])).sum()
             ok = ok & (bad_grads == 0)
         self.first_bad = torch.where((self.first_bad == 0) & ~ok, step, self.first_bad)
-        features = rebuild if rebuild is not None else nonfinite_pair_mask(batch)
+        features = rebuild if rebuild is not None else nonfinite_array_masks(batch)
         self.pending[step] = (loss, bad_grads, len(grads), batch.index, features)
         if scaler.is_enabled():
             scaler.step(self.optimizer)  # skips non-finite gradients itself
@@ -213,10 +282,12 @@ class StepGuard:
                     if k != "step" and torch.is_tensor(v) and v.is_floating_point() and id(v) not in known:
                         v.copy_(torch.where(ok, v, torch.zeros_like(v)))
 
-    def readback(self, *, epoch: int, best_epoch: int, run_dir: Any, loss: torch.Tensor | None = None) -> float | None:
+    def readback(self, *, epoch: int, best_epoch: int, run_dir: Any, loss: torch.Tensor | None = None,
+                 splits: list | None = None) -> float | None:
         """One device read: raise NonFiniteError for the first non-finite step since the last
         readback; else forget the pending steps and return `loss` as a float (read in the same
-        transfer: the progress bar's value), or None."""
+        transfer: the progress bar's value), or None. `splits`: the training splits (for the
+        error's split, sample ids and advice)."""
         if not self.pending and loss is None:
             return None
         values = torch.stack([self.first_bad.double(), (loss if loss is not None else self.first_bad).detach().double()])
@@ -231,10 +302,10 @@ class StepGuard:
             pairs = index.tolist()
             if callable(features):  # the failed step's batch, made again
                 again = features()
-                bad = nonfinite_rows(again) if again.index.tolist() == pairs else None
+                bad = BadFeatures.of(again) if again.index.tolist() == pairs else None
             else:
-                bad = index[features.to(index.device)].tolist()
-            raise _stop_error(what, epoch, step, pairs, bad, best_epoch, run_dir)
+                bad = BadFeatures.from_masks(*features, index)
+            raise _stop_error(what, epoch, step, pairs, bad, best_epoch, run_dir, splits)
         self.pending.clear()
         return value if loss is not None else None
 

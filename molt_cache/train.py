@@ -360,7 +360,7 @@ def train_heads(cfg: TrainConfig, heads_cfg: HeadsConfig, *,
         steps = 0
         shown_loss = float("nan")
         train_loader = loader(train_splits, shuffle=True, epoch=epoch, perturb_fn=training_perturb(cfg, missing_table, epoch))
-        where = dict(epoch=epoch, best_epoch=best_epoch, run_dir=run_dir)
+        where = dict(epoch=epoch, best_epoch=best_epoch, run_dir=run_dir, splits=train_splits)
         for k, batch in enumerate(train_loader):
             if batch.size < 2:  # DCCA needs two samples; a lone last pair (a different one each epoch) waits
                 continue
