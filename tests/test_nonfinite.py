@@ -24,7 +24,7 @@ from molt_cache.encoders.tiny import build_tiny_llama
 from molt_cache.extract import ExtractConfig, extract
 from molt_cache.finite import BadFeatures, NonFiniteError, NonFiniteFeatureError, _stop_error, check_batch, dtype_advice
 from molt_cache.robustness.evaluate import RobustnessConfig, run_robustness
-from molt_cache.train import train_heads
+from molt_cache.train import checkpoint_epoch, load_run, train_heads
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -147,6 +147,9 @@ def test_train_keeps_best_checkpoint_when_nan_appears_later(clean_cache, tmp_pat
                                              r"\(epoch 0\) is left in"):
         train_heads(cfg, HeadsConfig(model="baseline", d_common=8, layers=4), on_epoch=on_epoch)
     assert (run / "heads.safetensors").read_bytes() == saved["best"]
+    # a finished epoch's heads: robustness and predict still load the run (no metrics.json)
+    assert checkpoint_epoch(run) == 0 and not (run / "metrics.json").exists()
+    load_run(run)
 
 
 def test_robustness_refuses_a_nonfinite_cache(clean_cache, tmp_path):

@@ -17,7 +17,7 @@ from molt_cache.cache.reader import CacheSplit, open_cache
 from molt_cache.cache.store import PLACEMENTS, FeatureStore, choose_placement, make_batches
 from molt_cache.finite import scan_split
 from molt_cache.perturb import MissingTable, make_perturb
-from molt_cache.train import check_run_matches_cache, evaluate, load_run, resolve_device
+from molt_cache.train import check_run_matches_cache, check_run_trained, evaluate, load_run, resolve_device
 from molt_cache.validate import COUNT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, Range, check_numbers
 
 LEVELS = ("feature", "input")
@@ -184,6 +184,8 @@ def run_robustness(cfg: RobustnessConfig, *, log: Callable[[str], None] = print,
     stores = SplitStores("host" if cfg.in_memory else cfg.store, device, log)
     rows = []
     conds = conditions(cfg)
+    for run in cfg.runs:  # every run refused before any work if one finished no training epoch
+        check_run_trained(run)
     for run in cfg.runs:
         heads, heads_cfg, train_cfg, config = load_run(run, device)
         cache_path = Path(cfg.cache or train_cfg.cache[0])
