@@ -14,10 +14,18 @@ reports an accuracy. So:
   update is masked on the device), and the host reads the verdict back only every few steps and at
   the epoch's end, before anything is evaluated or saved: no host sync per step on a GPU.
   `check_step` raises the same error at once (the forward's own errors, e.g. `eigh` on NaN).
-- `scan_split` (robustness): a cache written before these checks existed is read through once.
+- `check_block` / `scan_split` (train-heads' val and test splits, robustness' evaluated split): a
+  cache written before these checks existed, or altered since, is refused before any work. The
+  feature store checks each block as it loads it (no second read); a streamed split is read
+  through once, block by block. The train split is left to `StepGuard`.
+
+Advice follows the cache: a float16 cache extracted before the checks existed most likely
+overflowed (re-extract in bfloat16 or float32); one extracted with them, or stored in bfloat16 /
+float32, holds values the encoder produced or that were altered since (`molt cache verify`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -25,6 +33,7 @@ import torch
 
 NONFINITE_CHECK = "every batch, in the storage dtype, before writing"  # recorded in the manifest's extraction
 DTYPE_ADVICE = "rerun with --dtype bfloat16 (fp32's range) or --dtype float32"
+SHOWN = 5  # pairs / sample ids listed in a message; the rest are counted
 
 
 class NonFiniteError(ValueError):
@@ -80,11 +89,13 @@ def check_batch(modality: str, batch: list[int], mask: torch.Tensor, arrays: dic
 
 def check_step(*, loss: torch.Tensor | None = None, params: list[torch.nn.Parameter] | None = None,
                error: BaseException | None = None, epoch: int, step: int, batch: Any, best_epoch: int,
-               run_dir: Any) -> None:
+               run_dir: Any, splits: list | None = None) -> None:
     """Stop training on a non-finite `loss`, a non-finite gradient of `params`, or an `error` the
     forward raised (e.g. `eigh` on NaN) when the batch's cached features are non-finite. Names the
-    epoch, the step (1-based within the epoch), the pairs of the batch and those whose features are
-    inf/NaN; the best checkpoint so far stays as saved. Returns when nothing is non-finite.
+    epoch, the step (1-based within the epoch), the batch's size and first pairs, and the pairs
+    whose features are inf/NaN with the arrays holding them (and, given the training `splits`,
+    the split, the sample ids and advice that fits the cache's dtype); the best checkpoint so far
+    stays as saved. Returns when nothing is non-finite.
     Reads the device at once (a host sync): the training loop uses `StepGuard` instead and calls
     this only when the forward raised."""
     what = None
@@ -97,49 +108,114 @@ def check_step(*, loss: torch.Tensor | None = None, params: list[torch.nn.Parame
             what = f"gradient ({int((~finite).sum())} of {len(grads)} parameter tensors)"
     if what is None and error is None:
         return  # the common path: one check of the loss (and of the gradients), no feature scan
-    nonfinite_pairs = nonfinite_rows(batch)
-    if error is not None and nonfinite_pairs:
+    bad = BadFeatures.of(batch)
+    if error is not None and bad.pairs:
         what = f"cached features ({type(error).__name__} in the forward: {str(error)[:120]})"
     if what is None:
         return
-    raise _stop_error(what, epoch, step, batch.index.tolist(), nonfinite_pairs, best_epoch, run_dir) from error
+    raise _stop_error(what, epoch, step, batch.index.tolist(), bad, best_epoch, run_dir, splits) from error
 
 
-def _stop_error(what: str, epoch: int, step: int, pairs: list[int], nonfinite_pairs: list[int] | None,
-                best_epoch: int, run_dir: Any) -> NonFiniteError:
-    """The error naming the step; nonfinite_pairs None: the batch's features could not be re-checked."""
+@dataclass
+class BadFeatures:
+    """The pairs of a batch whose cached features hold inf/NaN, and the arrays holding them."""
+
+    pairs: list[int]  # pair indices within their split (FeatureBatch.index)
+    arrays: list[tuple[str, str]]  # (modality, array name), in the cache's order
+
+    @classmethod
+    def of(cls, batch: Any) -> "BadFeatures":
+        """Scan a batch (reads the device)."""
+        return cls.from_masks(*nonfinite_array_masks(batch), batch.index)
+
+    @classmethod
+    def from_masks(cls, names: list[tuple[str, str]], masks: torch.Tensor, index: torch.Tensor) -> "BadFeatures":
+        """From `nonfinite_array_masks`' (K, B) verdicts and the batch's pair ids (one device read)."""
+        masks = masks.to(index.device)
+        per_array = masks.any(1).tolist()
+        return cls(index[masks.any(0)].tolist(), [n for n, bad in zip(names, per_array) if bad])
+
+
+def _listed(values: list, shown: int = SHOWN) -> str:
+    """'[55, 402, 7]' or '[55, 402, 7, 9, 11, …]' (at most `shown` values)."""
+    head = ", ".join(map(str, values[:shown]))
+    return f"[{head}, …]" if len(values) > shown else f"[{head}]"
+
+
+def _stop_error(what: str, epoch: int, step: int, pairs: list[int], bad: BadFeatures | None,
+                best_epoch: int, run_dir: Any, splits: list | None = None) -> NonFiniteError:
+    """The error naming the step; bad None: the batch's features could not be re-checked.
+    `splits`: the training splits the batch came from (names split, sample ids and the advice)."""
     kept = (f"the best checkpoint so far (epoch {best_epoch}) is left in {run_dir}" if best_epoch >= 0 else
             f"no epoch finished, so {run_dir} holds the initial heads")
-    cause = ("the cached features of this batch were not re-checked (the loader made other pairs when asked "
-             "for it again)" if nonfinite_pairs is None else
-             f"pairs with non-finite cached features: {nonfinite_pairs} (re-extract the cache with "
-             f"--dtype bfloat16 or --dtype float32)" if nonfinite_pairs else
-             "the cached features of this batch are finite (lower --lr, or train with --amp bf16 or off)")
-    return NonFiniteError(f"non-finite {what} at epoch {epoch}, step {step}; batch pairs {pairs}; {cause}; {kept}")
+    head = f"non-finite {what} at epoch {epoch}, step {step}; batch of {len(pairs)} pairs {_listed(pairs)}"
+    if bad is None:
+        cause = ("the cached features of this batch were not re-checked (the loader made other pairs when asked "
+                 "for it again)")
+    elif not bad.pairs:
+        cause = "the cached features of this batch are finite (lower --lr, or train with --amp bf16 or off)"
+    else:
+        split = splits[0] if splits else None
+
+        def stored(modality: str, name: str) -> bool:  # a perturbed batch may serve E_t apart from layer_{L-1}
+            arrays = getattr(split, modality) if split is not None else None
+            return not (name == "final" and arrays is not None and arrays.final is arrays.layers[-1])
+
+        arrays = [(m, n) for m, n in bad.arrays if stored(m, n)] or bad.arrays
+        prefix = f"{split.name}/" if split is not None else ""
+        where = ", ".join(f"{prefix}{m}/{n}" for m, n in arrays[:4]) + (
+            f" and {len(arrays) - 4} more arrays" if len(arrays) > 4 else "")
+        if split is not None:
+            where += f" of cache {split.reader.path}" if len(splits) == 1 else f" of one of the {len(splits)} caches"
+        count = f"{len(bad.pairs)} pairs " if len(bad.pairs) > SHOWN else ""
+        ids = _sample_ids(splits, bad.pairs[:SHOWN]) if splits else None
+        samples = (f" (sample{'s' if len(ids) > 1 else ''} {', '.join(repr(i) for i in ids)}"
+                   f"{', …' if len(bad.pairs) > SHOWN else ''})" if ids else "")
+        advice = split_advice(split, arrays[0][0]) if split is not None and arrays else dtype_advice(None)
+        cause = f"pairs with non-finite cached features: {count}{_listed(bad.pairs)}{samples} in {where}; {advice}"
+    return NonFiniteError(f"{head}; {cause}; {kept}")
+
+
+def _bad_rows(t: torch.Tensor) -> torch.Tensor:
+    """(N,) bool on t's device: rows of t holding inf/NaN, without a (N, T, D) bool tensor."""
+    flat = t.detach().reshape(t.shape[0], -1)
+    if flat.shape[1] == 0:
+        return torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(flat, dim=1)  # NaN propagates; ±inf shows in min or max; one pass
+    return ~(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def nonfinite_array_masks(batch: Any) -> tuple[list[tuple[str, str]], torch.Tensor]:
+    """Which pairs' cached features hold inf/NaN, per feature array: the (modality, array name)
+    of each distinct tensor of the batch (`final` is not repeated when it is `layer_{L-1}`'s
+    tensor) and a (K, B) bool on the batch's device. Device work only (no host sync); a
+    deduplicated batch is checked once per image and the verdict gathered to pairs."""
+    names, masks, seen = [], [], set()
+    device = batch.text_pooled.device
+    for modality in ("text", "image"):
+        layers = getattr(batch, f"{modality}_layers")
+        named = [*((f"layer_{k}", t) for k, t in enumerate(layers)),
+                 ("final", getattr(batch, f"{modality}_final")), ("pooled", getattr(batch, f"{modality}_pooled"))]
+        for name, t in named:
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            rows = _bad_rows(t)
+            if modality == "image" and batch.image_rows is not None:
+                rows = rows.index_select(0, batch.image_rows)
+            names.append((modality, name))
+            masks.append(rows.to(device))
+    return names, torch.stack(masks)
 
 
 def nonfinite_pair_mask(batch: Any) -> torch.Tensor:
-    """(B,) bool on the batch's device: which pairs' cached features hold inf/NaN. Device work only
-    (no host sync); a deduplicated batch is checked once per image and the verdict gathered to pairs."""
-    def bad_rows(t: torch.Tensor) -> torch.Tensor:
-        flat = t.detach().reshape(t.shape[0], -1)
-        if flat.shape[1] == 0:
-            return torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
-        lo, hi = torch.aminmax(flat, dim=1)  # NaN propagates; ±inf shows in min or max; one pass, no (B, T, D) bool
-        return ~(torch.isfinite(lo) & torch.isfinite(hi))
-
-    text = [*batch.text_layers, batch.text_final, batch.text_pooled]
-    image = [*batch.image_layers, batch.image_final, batch.image_pooled]
-    rows = torch.stack([bad_rows(t) for t in {id(t): t for t in text}.values()]).any(0)
-    image_bad = torch.stack([bad_rows(t) for t in {id(t): t for t in image}.values()]).any(0)
-    if batch.image_rows is not None:
-        image_bad = image_bad.index_select(0, batch.image_rows)
-    return rows | image_bad.to(rows.device)
+    """(B,) bool on the batch's device: which pairs' cached features hold inf/NaN (no host sync)."""
+    return nonfinite_array_masks(batch)[1].any(0)
 
 
 def nonfinite_rows(batch: Any) -> list[int]:
     """Pair indices of a FeatureBatch whose cached features hold inf/NaN (reads the device)."""
-    return batch.index[nonfinite_pair_mask(batch).to(batch.index.device)].tolist()
+    return BadFeatures.of(batch).pairs
 
 
 class StepGuard:
@@ -155,8 +231,9 @@ class StepGuard:
 
     The first non-finite step of the epoch is recorded on the device; `readback` (every LOG_EVERY
     steps and at the epoch's end, before evaluating or saving) reads it with one transfer and
-    raises NonFiniteError naming the epoch, the step, the batch's pairs and those with non-finite
-    cached features, the same message as `check_step`. Steps after a non-finite one (until that
+    raises NonFiniteError naming the epoch, the step, the batch's size and first pairs and those
+    with non-finite cached features (with their arrays; the split, sample ids and dtype advice
+    when given the training `splits`), the same message as `check_step`. Steps after a non-finite one (until that
     readback) train on from the unchanged heads; Adam's host-side step count still advances, which
     is moot since the run stops there. What is kept per pending step: the batch's pair ids, the
     loss and the count of bad gradients (small device tensors), and `rebuild`, a callable that
@@ -181,7 +258,7 @@ class StepGuard:
             bad_grads = (~torch.stack([torch.isfinite(g).all() for g in grads])).sum()
             ok = ok & (bad_grads == 0)
         self.first_bad = torch.where((self.first_bad == 0) & ~ok, step, self.first_bad)
-        features = rebuild if rebuild is not None else nonfinite_pair_mask(batch)
+        features = rebuild if rebuild is not None else nonfinite_array_masks(batch)
         self.pending[step] = (loss, bad_grads, len(grads), batch.index, features)
         if scaler.is_enabled():
             scaler.step(self.optimizer)  # skips non-finite gradients itself
@@ -205,10 +282,12 @@ class StepGuard:
                     if k != "step" and torch.is_tensor(v) and v.is_floating_point() and id(v) not in known:
                         v.copy_(torch.where(ok, v, torch.zeros_like(v)))
 
-    def readback(self, *, epoch: int, best_epoch: int, run_dir: Any, loss: torch.Tensor | None = None) -> float | None:
+    def readback(self, *, epoch: int, best_epoch: int, run_dir: Any, loss: torch.Tensor | None = None,
+                 splits: list | None = None) -> float | None:
         """One device read: raise NonFiniteError for the first non-finite step since the last
         readback; else forget the pending steps and return `loss` as a float (read in the same
-        transfer: the progress bar's value), or None."""
+        transfer: the progress bar's value), or None. `splits`: the training splits (for the
+        error's split, sample ids and advice)."""
         if not self.pending and loss is None:
             return None
         values = torch.stack([self.first_bad.double(), (loss if loss is not None else self.first_bad).detach().double()])
@@ -223,10 +302,10 @@ class StepGuard:
             pairs = index.tolist()
             if callable(features):  # the failed step's batch, made again
                 again = features()
-                bad = nonfinite_rows(again) if again.index.tolist() == pairs else None
+                bad = BadFeatures.of(again) if again.index.tolist() == pairs else None
             else:
-                bad = index[features.to(index.device)].tolist()
-            raise _stop_error(what, epoch, step, pairs, bad, best_epoch, run_dir)
+                bad = BadFeatures.from_masks(*features, index)
+            raise _stop_error(what, epoch, step, pairs, bad, best_epoch, run_dir, splits)
         self.pending.clear()
         return value if loss is not None else None
 
@@ -236,25 +315,142 @@ class StepGuard:
             self.readback(**where)
 
 
-def scan_split(split: Any, chunk_rows: int = 65536) -> None:
-    """Read every stored feature array of one cache split (a `CacheSplit`) and raise
-    NonFiniteError naming the cache, split, modality, array and first bad row."""
+def _sample_ids(splits: list, pairs: list[int]) -> list[str] | None:
+    """The cache's sample ids of `pairs` (pair indices within the split), read one by one; None
+    when the training caches (several: mixed copies of one dataset) disagree or lack a pair."""
+    from molt_cache.cache.integrity import read_checked
+
+    ids = None
+    for split in splits:
+        if any(p >= split.num_pairs for p in pairs):
+            return None
+        try:
+            arr = split.group["pairs/sample_id"]
+            mine = [str(read_checked(arr, p, p + 1)[0]) for p in pairs]
+        except Exception:  # noqa: BLE001 - an error message is being made: it must not fail itself
+            return None
+        if ids is not None and mine != ids:
+            return None
+        ids = mine
+    return ids
+
+
+def dtype_advice(stored_dtype: str | None, *, checked: bool = False, cache: Any = None) -> str:
+    """What to do about inf/NaN in a cache stored as `stored_dtype` (None: unknown); `checked`:
+    its extraction checked every batch (manifest extraction.nonfinite_check), so the values were
+    not written by the extractor."""
+    verify = f"`molt cache verify {cache}`" if cache is not None else "`molt cache verify CACHE`"
+    if stored_dtype is None:
+        return (f"a float16 cache most likely overflowed: re-extract it with --dtype bfloat16 or --dtype float32; "
+                f"otherwise check the cache with {verify} and re-extract it")
+    if checked:
+        return (f"its extraction checked every batch for inf/NaN, so the cache was altered or damaged since: "
+                f"check it with {verify} and re-extract it")
+    if stored_dtype == "float16":
+        return ("the cache is stored as float16, which overflows past 65504 (as LLaMA-family late blocks do): "
+                "re-extract it with --dtype bfloat16 (fp32's range) or --dtype float32")
+    return (f"the cache is stored as {stored_dtype}, so this is no float16 overflow: the encoder itself produced "
+            f"inf/NaN, or the cache was altered or damaged after extraction; check it with {verify} and "
+            "re-extract it")
+
+
+def split_advice(split: Any, modality: str) -> str:
+    """`dtype_advice` for one modality of one cache split."""
+    extraction = split.reader.manifest.get("extraction") or {}
+    return dtype_advice(getattr(split, modality).stored_dtype, checked=bool(extraction.get("nonfinite_check")),
+                        cache=split.reader.path)
+
+
+def _nonfinite(block: np.ndarray, stored_dtype: str) -> np.ndarray:
+    """inf/NaN in a block as stored; a bfloat16 cache holds the raw bits as uint16."""
+    if stored_dtype == "bfloat16" and block.dtype == np.uint16:
+        return (block & 0x7F80) == 0x7F80  # all-ones exponent: inf or NaN
+    return ~np.isfinite(block)
+
+
+# 16-bit layouts: (magnitude mask, smallest inf/NaN magnitude): an all-ones exponent
+_INF_BITS = {"float16": (0x7FFF, 0x7C00), "bfloat16": (0x7FFF, 0x7F80)}
+
+
+def _all_finite(block: np.ndarray, stored_dtype: str) -> bool:
+    """`not _nonfinite(block, stored_dtype).any()`, faster for 16-bit floats: the largest
+    magnitude in the raw bits (inf and NaN have the largest), 3x numpy's float16 isfinite
+    (measured ~17 vs 53 ms per 58 MiB); float32's isfinite is fast already."""
+    key = "bfloat16" if stored_dtype == "bfloat16" and block.dtype == np.uint16 else block.dtype.name
+    if key not in _INF_BITS or block.size == 0:
+        return not _nonfinite(block, stored_dtype).any()
+    mask, inf = _INF_BITS[key]
+    return int((np.ascontiguousarray(block).view(np.uint16) & np.uint16(mask)).max()) < inf
+
+
+def _whose_row(split: Any, modality: str, name: str, row: int) -> str:
+    """'text item 0, used by pair 0, sample 'm00'': who owns stored row `row` of `modality/name`
+    (token arrays: the item whose offsets span it; pooled: item `row`). Error path only: reads
+    the split's offsets and pair table once."""
+    from molt_cache.cache.integrity import read_checked
+
+    arrays = getattr(split, modality)
+    if name == "pooled":
+        item = row
+    else:
+        offsets = read_checked(arrays.offsets)
+        item = int(np.searchsorted(offsets, row, side="right")) - 1
+    index = read_checked(split.text_index if modality == "text" else split.image_index)
+    pairs = np.flatnonzero(index == item)
+    if not len(pairs):
+        return f"{modality} item {item}, used by no pair"
+    first = int(pairs[0])
+    ids = _sample_ids([split], [first])
+    sample = f", sample {ids[0]!r}" if ids else ""
+    used = f"used by pair {first}" if len(pairs) == 1 else f"used by {len(pairs)} pairs, the first pair {first}"
+    return f"{modality} item {item}, {used}{sample}"
+
+
+def check_block(split: Any, modality: str, name: str, lo: int, block: np.ndarray) -> None:
+    """Raise NonFiniteError when `block` (rows lo.. of `modality/name` of `split`, as stored)
+    holds inf/NaN, naming the cache, split, modality, array, first bad row, its item, pair and
+    sample id, and advice that fits the cache's dtype. `scan_split` and the feature store (while
+    loading a split whose features must be finite) both check through here."""
+    stored_dtype = getattr(split, modality).stored_dtype
+    if _all_finite(block, stored_dtype):  # the common case: one pass, no bool copy of the block
+        return
+    bad = _nonfinite(block, stored_dtype)
+    per_row = bad.reshape(bad.shape[0], -1)
+    r = int(np.flatnonzero(per_row.any(-1))[0])
+    row = lo + r
+    try:
+        owner = _whose_row(split, modality, name, row)
+    except Exception as e:  # noqa: BLE001 - the offsets / pair table unreadable: say so, keep the finding
+        owner = f"its item not found: {type(e).__name__}"
+    raise NonFiniteError(
+        f"cache {split.reader.path} split {split.name!r} holds non-finite values (inf/NaN) in {modality}/{name}, "
+        f"row {row} ({owner}; {int(per_row[r].sum())} of {per_row.shape[1]} values in the row); "
+        f"refusing to evaluate on it: {split_advice(split, modality)}")
+
+
+def block_rows(arr: Any, budget: int = 64 << 20) -> int:
+    """Rows to read at once from a zarr array: whole inner chunks, about `budget` bytes."""
+    chunk = max(1, int(arr.chunks[0]))
+    row_bytes = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * np.dtype(arr.dtype).itemsize)
+    return chunk * max(1, budget // (chunk * row_bytes))
+
+
+def feature_arrays(split: Any, modality: str) -> list[tuple[str, Any]]:
+    """(name, zarr array) of every stored feature array of one modality of a split, in the
+    cache's order: layer_0.., final when stored apart, pooled."""
+    arrays = getattr(split, modality)
+    return [(a.basename if hasattr(a, "basename") else str(a.path).rsplit("/", 1)[-1], a)
+            for a in [*arrays.token_arrays, arrays.pooled]]
+
+
+def scan_split(split: Any, chunk_rows: int | None = None) -> None:
+    """Read every stored feature array of one cache split (a `CacheSplit`) block by block
+    (`chunk_rows` rows, default about 64 MiB: memory stays flat) and raise NonFiniteError naming
+    the cache, split, modality, array, first bad row and its sample (`check_block`)."""
     from molt_cache.cache.integrity import read_checked
 
     for modality in ("text", "image"):
-        arrays = getattr(split, modality)
-        named = [(a.basename if hasattr(a, "basename") else str(a.path).rsplit("/", 1)[-1], a)
-                 for a in [*arrays.token_arrays, arrays.pooled]]
-        for name, arr in named:
-            for lo in range(0, arr.shape[0], chunk_rows):
-                block = read_checked(arr, lo, min(lo + chunk_rows, arr.shape[0]))  # damage named too
-                if arrays.stored_dtype == "bfloat16" and block.dtype == np.uint16:
-                    bad = (block & 0x7F80) == 0x7F80  # all-ones exponent: inf or NaN
-                else:
-                    bad = ~np.isfinite(block)
-                if bad.any():
-                    row = lo + int(np.flatnonzero(bad.reshape(bad.shape[0], -1).any(-1))[0])
-                    raise NonFiniteError(
-                        f"cache {split.reader.path} split {split.name!r} holds non-finite values (inf/NaN) in "
-                        f"{modality}/{name}, row {row} ({int(bad.sum())} values in rows {lo}..{lo + len(block) - 1}); "
-                        f"refusing to evaluate on it: re-extract with --dtype bfloat16 or --dtype float32")
+        for name, arr in feature_arrays(split, modality):
+            step = chunk_rows or block_rows(arr)
+            for lo in range(0, arr.shape[0], step):
+                check_block(split, modality, name, lo, read_checked(arr, lo, min(lo + step, arr.shape[0])))

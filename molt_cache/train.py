@@ -17,19 +17,22 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from molt_cache.batch import FeatureBatch
 from molt_cache.cache.store import FeatureStore, choose_placement, make_batches
 from molt_cache.cache.reader import CacheReader, check_compatible, open_cache
 from molt_cache.config import HeadsConfig, TrainConfig, from_dict, to_dict
-from molt_cache.finite import StepGuard, check_step
+from molt_cache.finite import StepGuard, check_step, scan_split
 from molt_cache.heads.model import FeatureDims, build_heads
 from molt_cache.losses.task import task_loss
 from molt_cache.metrics import compute_metrics, primary_metric
 from molt_cache.perturb import MissingTable, make_perturb
 
 RUN_FILES = ("config.json", "heads.safetensors", "metrics.json", "log.jsonl")
+# heads.safetensors metadata: the finished epoch whose heads it holds; "-1": the initial heads
+EPOCH_KEY = "molt_cache.epoch"
 # The training loop reads the loss back to the host (a device sync) only every this many steps.
 LOG_EVERY = 20
 
@@ -169,12 +172,14 @@ def held_out_correlations(heads, loader, device: torch.device, top_k: int) -> di
 
 
 def save_run(run_dir: Path, heads, heads_cfg: HeadsConfig, train_cfg: TrainConfig, dims: FeatureDims,
-             manifest: dict) -> None:
-    """Checkpoint as safetensors + JSON config: nothing pickled, and the run rebuilds exactly."""
+             manifest: dict, *, epoch: int | None = None) -> None:
+    """Checkpoint as safetensors + JSON config: nothing pickled, and the run rebuilds exactly.
+    `epoch`: the finished epoch whose heads these are (-1: the initial heads), kept in the
+    checkpoint's own metadata (`EPOCH_KEY`), so it can never disagree with the weights."""
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
     tmp = run_dir / "heads.safetensors.tmp"
-    save_file(state, str(tmp))
+    save_file(state, str(tmp), metadata=None if epoch is None else {EPOCH_KEY: str(epoch)})
     tmp.replace(run_dir / "heads.safetensors")  # atomic: a crash never leaves half a checkpoint
     config = {
         "heads": to_dict(heads_cfg),
@@ -187,12 +192,75 @@ def save_run(run_dir: Path, heads, heads_cfg: HeadsConfig, train_cfg: TrainConfi
     (run_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild trained heads from a run folder. Returns (heads, HeadsConfig, TrainConfig, config dict)."""
-    run_dir = Path(run_dir)
+def _check_run_files(run_dir: Path) -> None:
     missing = [f for f in ("config.json", "heads.safetensors") if not (run_dir / f).exists()]
     if missing:
         raise FileNotFoundError(f"{run_dir} is not a train-heads run folder: missing {missing}")
+
+
+def _unreadable(weights_path: Path, e: BaseException) -> RunFileError:
+    return RunFileError(f"{weights_path}: not a readable safetensors checkpoint ({e}); the run "
+                        "folder is damaged, retrain it with `molt train-heads`")
+
+
+def checkpoint_epoch(run_dir: str | Path) -> int | None:
+    """The finished epoch whose heads a run's heads.safetensors holds, -1 for the initial
+    (untrained) heads, read from the checkpoint's metadata (its header only); None for a
+    checkpoint saved before molt-cache recorded it."""
+    weights_path = Path(run_dir) / "heads.safetensors"
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise _unreadable(weights_path, e) from None
+    try:
+        return int(meta[EPOCH_KEY]) if EPOCH_KEY in meta else None
+    except ValueError:
+        raise RunFileError(f"{weights_path}: metadata {EPOCH_KEY}={meta[EPOCH_KEY]!r} is not an epoch number; "
+                           "the run folder is damaged, retrain it with `molt train-heads`") from None
+
+
+def logged_epochs(run_dir: str | Path) -> int:
+    """Epoch records in a run's log.jsonl (train-heads appends one per finished epoch); a
+    malformed line (a write cut short) is not counted."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        return 0
+    count = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        count += isinstance(record, dict) and "epoch" in record
+    return count
+
+
+def check_run_trained(run_dir: str | Path) -> None:
+    """Refuse a run folder whose training finished no epoch: train-heads saves the initial heads
+    before epoch 0, so a run stopped in epoch 0 (non-finite features, Ctrl-C, a crash) holds
+    untrained heads that would score like chance. The marker is the checkpoint's own epoch
+    (`checkpoint_epoch`); a checkpoint saved before it was recorded counts as trained when its
+    run has metrics.json or an epoch record in log.jsonl."""
+    run_dir = Path(run_dir)
+    _check_run_files(run_dir)
+    epoch = checkpoint_epoch(run_dir)
+    if epoch is not None and epoch >= 0:
+        return
+    if epoch is None and ((run_dir / "metrics.json").is_file() or logged_epochs(run_dir)):
+        return
+    why = ("its heads.safetensors holds the initial, untrained heads (train-heads stopped before the end of "
+           "epoch 0)" if epoch is not None else
+           "no epoch record in its log.jsonl and no metrics.json, so heads.safetensors holds the initial, "
+           "untrained heads (a copy of a run that did finish an epoch needs its log.jsonl or metrics.json beside it)")
+    raise RunFileError(f"{run_dir}: training finished no epoch: {why}; train it again with `molt train-heads`")
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", *, require_trained: bool = True):
+    """Rebuild trained heads from a run folder. Returns (heads, HeadsConfig, TrainConfig, config dict).
+    Refuses a run whose training finished no epoch (`check_run_trained`) unless not `require_trained`."""
+    run_dir = Path(run_dir)
+    _check_run_files(run_dir)
     config_path, weights_path = run_dir / "config.json", run_dir / "heads.safetensors"
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -212,8 +280,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     try:
         state = load_file(str(weights_path))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
-        raise RunFileError(f"{weights_path}: not a readable safetensors checkpoint ({e}); the run "
-                           "folder is damaged, retrain it with `molt train-heads`") from None
+        raise _unreadable(weights_path, e) from None
+    if require_trained:
+        check_run_trained(run_dir)
     try:
         heads.load_state_dict(state)
     except RuntimeError as e:
@@ -326,7 +395,17 @@ def train_heads(cfg: TrainConfig, heads_cfg: HeadsConfig, *,
     stores: dict[int, FeatureStore | None] = {}
     for split_list in (train_splits, val_splits, test_splits):
         if split_list:
-            stores[id(split_list)] = None if placement.text == "stream" else FeatureStore(split_list, placement, device)
+            # val and test are only scored: inf/NaN there is refused now, before any training (the
+            # store checks while loading; a streamed split is read through once, block by block);
+            # the train split's are caught per step by the StepGuard
+            scored = split_list is not train_splits
+            if placement.text == "stream":
+                stores[id(split_list)] = None
+                if scored:
+                    for split in split_list:
+                        scan_split(split)
+            else:
+                stores[id(split_list)] = FeatureStore(split_list, placement, device, check_finite=scored)
 
     def loader(split_list, *, shuffle: bool, epoch: int = 0, perturb_fn=None):
         return make_batches(split_list, store=stores[id(split_list)], batch_size=cfg.batch_size,
@@ -336,7 +415,7 @@ def train_heads(cfg: TrainConfig, heads_cfg: HeadsConfig, *,
                             pin_memory=device.type == "cuda")  # page-locked only when copies go to a GPU
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_run(run_dir, heads, heads_cfg, cfg, dims, readers[0].manifest)
+    save_run(run_dir, heads, heads_cfg, cfg, dims, readers[0].manifest, epoch=-1)
     metric = primary_metric(heads_cfg.multi_label)
     best, best_epoch, stale = -math.inf, -1, 0
     log_path = run_dir / "log.jsonl"
@@ -350,7 +429,7 @@ def train_heads(cfg: TrainConfig, heads_cfg: HeadsConfig, *,
         steps = 0
         shown_loss = float("nan")
         train_loader = loader(train_splits, shuffle=True, epoch=epoch, perturb_fn=training_perturb(cfg, missing_table, epoch))
-        where = dict(epoch=epoch, best_epoch=best_epoch, run_dir=run_dir)
+        where = dict(epoch=epoch, best_epoch=best_epoch, run_dir=run_dir, splits=train_splits)
         for k, batch in enumerate(train_loader):
             if batch.size < 2:  # DCCA needs two samples; a lone last pair (a different one each epoch) waits
                 continue
@@ -384,7 +463,7 @@ def train_heads(cfg: TrainConfig, heads_cfg: HeadsConfig, *,
             f.write(json.dumps(record) + "\n")
         if val[metric] > best:  # strict: ties keep the earlier epoch, so reruns agree
             best, best_epoch, stale = val[metric], epoch, 0
-            save_run(run_dir, heads, heads_cfg, cfg, dims, readers[0].manifest)
+            save_run(run_dir, heads, heads_cfg, cfg, dims, readers[0].manifest, epoch=epoch)
         else:
             stale += 1
         record["best"] = epoch == best_epoch
@@ -394,7 +473,7 @@ def train_heads(cfg: TrainConfig, heads_cfg: HeadsConfig, *,
             break
 
     # -- cleanup: reload the best checkpoint, score it -----------------------------------------
-    heads, *_ = load_run(run_dir, device)
+    heads, *_ = load_run(run_dir, device, require_trained=False)  # best_epoch >= 0 unless val scored NaN
     val = evaluate(heads, loader(val_splits, shuffle=False), device, heads_cfg.multi_label, amp=amp)
     test = evaluate(heads, loader(test_splits, shuffle=False), device, heads_cfg.multi_label, amp=amp) if test_splits else {}
     val_cca = held_out_correlations(heads, loader(val_splits, shuffle=False), device, heads_cfg.cca_top_k)

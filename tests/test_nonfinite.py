@@ -6,22 +6,25 @@ overflows fp16 on CPU exactly as LLaMA models do on CUDA: layer_2, layer_3 and p
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
+from _cache_fixture import TinySpec, write_tiny_cache
 
 from data.make_fixtures import make_manifest
+from molt_cache.cache.reader import open_cache
 from molt_cache.config import HeadsConfig, TrainConfig
 from molt_cache.encoders import create_image_encoder
 from molt_cache.encoders.text_hf import HFTextEncoder
 from molt_cache.encoders.tiny import build_tiny_llama
 from molt_cache.extract import ExtractConfig, extract
-from molt_cache.finite import NonFiniteError, NonFiniteFeatureError, check_batch
+from molt_cache.finite import BadFeatures, NonFiniteError, NonFiniteFeatureError, _stop_error, check_batch, dtype_advice
 from molt_cache.robustness.evaluate import RobustnessConfig, run_robustness
-from molt_cache.train import train_heads
+from molt_cache.train import checkpoint_epoch, load_run, train_heads
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -116,10 +119,15 @@ def test_train_stops_on_nan_features_naming_epoch_step_pairs(clean_cache, tmp_pa
     poison(cache)
     cfg = TrainConfig(cache=[str(cache)], run_dir=str(tmp_path / "run"), epochs=3, batch_size=4, device="cpu",
                       amp="off")
-    with pytest.raises(NonFiniteError, match=r"at epoch 0, step \d+; batch pairs \[.*\]; pairs with non-finite "
-                                             r"cached features: \[0\].*initial heads"):
+    with pytest.raises(NonFiniteError, match=r"at epoch 0, step \d+; batch of 4 pairs \[[^\]]*\]; pairs with non-finite "
+                                             r"cached features: \[0\].*initial heads") as info:
         train_heads(cfg, HeadsConfig(model=model, d_common=8, layers=4))
     assert not (tmp_path / "run" / "metrics.json").exists()
+    # where: split, modality and arrays, the sample id; advice that fits a float32 cache whose
+    # extraction checked every batch (it was altered since: no fp16 overflow, no --dtype advice)
+    msg = str(info.value)
+    assert f"[0] (sample 'm00') in train/text/layer_2, train/text/layer_3, train/text/pooled of cache {cache};" in msg
+    assert f"`molt cache verify {cache}`" in msg and "--dtype" not in msg
 
 
 def test_train_keeps_best_checkpoint_when_nan_appears_later(clean_cache, tmp_path):
@@ -139,6 +147,9 @@ def test_train_keeps_best_checkpoint_when_nan_appears_later(clean_cache, tmp_pat
                                              r"\(epoch 0\) is left in"):
         train_heads(cfg, HeadsConfig(model="baseline", d_common=8, layers=4), on_epoch=on_epoch)
     assert (run / "heads.safetensors").read_bytes() == saved["best"]
+    # a finished epoch's heads: robustness and predict still load the run (no metrics.json)
+    assert checkpoint_epoch(run) == 0 and not (run / "metrics.json").exists()
+    load_run(run)
 
 
 def test_robustness_refuses_a_nonfinite_cache(clean_cache, tmp_path):
@@ -157,3 +168,40 @@ def test_robustness_refuses_a_nonfinite_cache(clean_cache, tmp_path):
     assert rows and all(np.isfinite(r["accuracy"]) for r in rows if "accuracy" in r)
     manifest = json.loads((clean_cache / "manifest.json").read_text())
     assert manifest["extraction"]["nonfinite_check"].startswith("every batch")
+
+
+def test_train_stop_names_split_array_sample_and_float16_advice(tmp_path):
+    """A float16 cache extracted without the checks (the tiny fixture records no extraction): the
+    message names the batch's size and a few of its pairs, the bad pair, its sample id, the split
+    and array, and the overflow advice."""
+    cache = tmp_path / "c"
+    write_tiny_cache(cache, TinySpec(splits={"train": 30, "val": 12}))
+    g = zarr.open_group(str(cache), mode="r+")
+    lo, hi = (int(x) for x in g["train/text/offsets"][4:6])  # text 4: pair 4's alone
+    arr = g["train/text/layer_1"]  # = E_t (final_is_last_layer): named once
+    block = np.asarray(arr[lo:hi])
+    block[:] = np.nan
+    arr[lo:hi] = block
+    run = tmp_path / "run"
+    cfg = TrainConfig(cache=[str(cache)], run_dir=str(run), epochs=2, batch_size=8, device="cpu", amp="off")
+    with pytest.raises(NonFiniteError) as info:
+        train_heads(cfg, HeadsConfig(model="baseline", d_common=8, layers=2))
+    msg = str(info.value)
+    assert re.search(r"at epoch 0, step \d+; batch of \d pairs \[\d+, \d+, \d+, \d+, \d+, …\]; ", msg), msg
+    assert (f"; pairs with non-finite cached features: [4] (sample 'train-4') in train/text/layer_1 of cache {cache}; "
+            "the cache is stored as float16, which overflows past 65504") in msg
+    assert "--dtype bfloat16" in msg and msg.endswith(f"; no epoch finished, so {run} holds the initial heads")
+
+
+def test_stop_error_lists_a_few_bad_pairs_with_their_samples(tmp_path):
+    write_tiny_cache(tmp_path / "c", TinySpec(splits={"train": 30}))
+    split = open_cache(tmp_path / "c").split("train")
+    bad = BadFeatures(list(range(10, 20)), [("text", "layer_1"), ("text", "final"), ("image", "final")])
+    msg = str(_stop_error("loss (nan)", 1, 7, list(range(64)), bad, 0, "R", [split]))
+    assert msg.startswith("non-finite loss (nan) at epoch 1, step 7; batch of 64 pairs [0, 1, 2, 3, 4, …]; ")
+    # text/final is layer_1 in this cache (final_is_last_layer): not named twice
+    assert ("pairs with non-finite cached features: 10 pairs [10, 11, 12, 13, 14, …] (samples 'train-10', "
+            "'train-11', 'train-12', 'train-13', 'train-14', …) in train/text/layer_1, train/image/final of cache "
+            f"{tmp_path / 'c'}; ") in msg
+    assert msg.endswith("; the best checkpoint so far (epoch 0) is left in R")
+    assert "no float16 overflow" in dtype_advice("bfloat16") and "--dtype" not in dtype_advice("float32")

@@ -69,7 +69,7 @@ def test_finite_steps_are_plain_adam_bit_for_bit_and_a_nan_step_changes_nothing(
     guard.step(NO_SCALER, loss, _Batch([0, 1]), 1)
     assert _same(before, ([p.detach() for p in guarded.parameters()], []))
     assert all(not v.any() for p in guarded.parameters() for k, v in guarded_opt.state[p].items() if k != "step")
-    with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at epoch 3, step 1; batch pairs \[0, 1\]; "
+    with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at epoch 3, step 1; batch of 2 pairs \[0, 1\]; "
                                              r"the cached features of this batch are finite"):
         guard.readback(epoch=3, best_epoch=-1, run_dir="r")
     guarded, guarded_opt = _model_and_adam()
@@ -94,7 +94,7 @@ def test_finite_steps_are_plain_adam_bit_for_bit_and_a_nan_step_changes_nothing(
     guard.step(NO_SCALER, loss, _Batch([7, 3]), 8)
     assert _same(before, _state(guarded, guarded_opt))
     with pytest.raises(NonFiniteError, match=r"non-finite gradient \(1 of 4 parameter tensors\) at epoch 2, step 8; "
-                                             r"batch pairs \[7, 3\].*best checkpoint so far \(epoch 1\) is left in r"):
+                                             r"batch of 2 pairs \[7, 3\].*best checkpoint so far \(epoch 1\) is left in r"):
         guard.readback(epoch=2, best_epoch=1, run_dir="r")
 
 
@@ -119,8 +119,8 @@ def test_readback_names_the_first_bad_step_and_its_pairs_with_nonfinite_features
                    "rebuilt wrongly": lambda k=k: loader.batch_at(k + 1 if k < 2 else 0)}[features]
         guard.step(NO_SCALER, loss, batch, step, rebuild=rebuild)
     cause = (r"the cached features of this batch were not re-checked" if features == "rebuilt wrongly" else
-             r"pairs with non-finite cached features: \[4, 5, 6, 7\]")
-    with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at epoch 0, step 2; batch pairs \[4, 5, 6, 7\]; "
+             r"pairs with non-finite cached features: \[4, 5, 6, 7\] in image/final; ")
+    with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at epoch 0, step 2; batch of 4 pairs \[4, 5, 6, 7\]; "
                                              + cause):
         guard.readback(epoch=0, best_epoch=-1, run_dir="r")
 

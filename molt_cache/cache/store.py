@@ -128,10 +128,11 @@ def choose_placement(splits: list[CacheSplit], store: str, device: torch.device)
 # -- arrays held once -----------------------------------------------------------------------------
 
 def _load_array(arrays: list, dtype: str, rows: int, width: int, device: torch.device,
-                pin: bool) -> torch.Tensor:
+                pin: bool, check: Callable[[int, int, np.ndarray], None] | None = None) -> torch.Tensor:
     """Concatenate the rows of one array of several splits into one tensor of `rows` + 1 rows in
     the stored dtype; the extra last row stays zero (padding gathers point at it). Filled chunk by
-    chunk, so the host never holds a second full copy."""
+    chunk, so the host never holds a second full copy. `check(k, start, part)`: called on every
+    part read (rows start.. of the k-th split's array, as stored), before it is kept."""
     raw = np.dtype(arrays[0].dtype)
     bf16_bits = dtype == "bfloat16" and raw == np.uint16  # numpy has no bfloat16: the raw 16 bits
     tdtype = torch.bfloat16 if bf16_bits else torch.from_numpy(np.zeros(0, raw)).dtype
@@ -139,10 +140,12 @@ def _load_array(arrays: list, dtype: str, rows: int, width: int, device: torch.d
                       pin_memory=pin and device.type == "cpu")
     out[rows].zero_()
     lo = 0
-    for a in arrays:
+    for k, a in enumerate(arrays):
         step = max(1, int(a.chunks[0]) * max(1, (64 << 20) // max(1, int(a.chunks[0]) * width * 2)))
         for start in range(0, a.shape[0], step):
             part = read_checked(a, start, min(start + step, a.shape[0]))  # damage named
+            if check is not None:
+                check(k, start, part)
             if bf16_bits:
                 t = torch.from_numpy(part.view(np.int16)).view(torch.bfloat16)
             else:
@@ -155,7 +158,9 @@ def _load_array(arrays: list, dtype: str, rows: int, width: int, device: torch.d
 class _Modality:
     """One modality of the store's splits, concatenated: token arrays, pooled, offsets."""
 
-    def __init__(self, arrays: list[ModalityArrays], place: str, device: torch.device):
+    def __init__(self, arrays: list[ModalityArrays], place: str, device: torch.device,
+                 check: Callable[[int, str, int, np.ndarray], None] | None = None):
+        """check(k, name, start, part): see `_load_array` (name: layer_0.., final, pooled)."""
         self.place = place
         self.home = device if place == "device" else torch.device("cpu")
         pin = place == "host" and device.type == "cuda"
@@ -171,14 +176,18 @@ class _Modality:
         self.items_base = bases  # first item id of each split
         self.tokens = row
         final_shared = first.final is first.layers[-1]
+
+        def named(name: str):
+            return None if check is None else (lambda k, start, part: check(k, name, start, part))
+
         self.layers = [_load_array([a.layers[k] for a in arrays], self.dtype, row,
-                                   int(first.layers[k].shape[1]), self.home, pin)
+                                   int(first.layers[k].shape[1]), self.home, pin, named(f"layer_{k}"))
                        for k in range(len(first.layers))]
         self.final = self.layers[-1] if final_shared else _load_array(
-            [a.final for a in arrays], self.dtype, row, int(first.final.shape[1]), self.home, pin)
+            [a.final for a in arrays], self.dtype, row, int(first.final.shape[1]), self.home, pin, named("final"))
         n_items = len(self.offsets) - 1
         self.pooled = _load_array([a.pooled for a in arrays], self.dtype, n_items,
-                                  int(first.pooled.shape[1]), self.home, pin)
+                                  int(first.pooled.shape[1]), self.home, pin, named("pooled"))
 
     @property
     def token_arrays(self) -> list[torch.Tensor]:
@@ -245,9 +254,14 @@ def _padded_index(starts: torch.Tensor, lengths: torch.Tensor, T: int, pad_row: 
 
 class FeatureStore:
     """The arrays of one or more splits (concatenated, as `--cache A --cache B` trains on), held
-    once per `placement` on `device`. `batches()` makes an epoch's loader."""
+    once per `placement` on `device`. `batches()` makes an epoch's loader.
 
-    def __init__(self, splits: list[CacheSplit], placement: Placement, device: torch.device):
+    check_finite: refuse inf/NaN while loading (molt_cache.finite.check_block on every part read:
+    no second read of the split), for the splits that are only evaluated (val, test); the train
+    split's are caught per step by training's StepGuard."""
+
+    def __init__(self, splits: list[CacheSplit], placement: Placement, device: torch.device, *,
+                 check_finite: bool = False):
         if not splits:
             raise ValueError("FeatureStore needs at least one split")
         if "stream" in (placement.text, placement.image):
@@ -255,8 +269,16 @@ class FeatureStore:
         _loader._check_same_shapes(splits)
         self.splits, self.placement, self.device = splits, placement, torch.device(device)
         self.multi_label = splits[0].multi_label
-        self.text = _Modality([s.text for s in splits], placement.text, self.device)
-        self.image = _Modality([s.image for s in splits], placement.image, self.device)
+
+        def check(modality: str):
+            if not check_finite:
+                return None
+            from molt_cache.finite import check_block
+
+            return lambda k, name, start, part: check_block(splits[k], modality, name, start, part)
+
+        self.text = _Modality([s.text for s in splits], placement.text, self.device, check("text"))
+        self.image = _Modality([s.image for s in splits], placement.image, self.device, check("image"))
         tables = [_loader._pair_tables(s) for s in splits]
         self.pair_base = np.cumsum([0] + [s.num_pairs for s in splits])[:-1].astype(np.int64)
         self.text_index = np.concatenate([t[0] + b for t, b in zip(tables, self.text.items_base)])

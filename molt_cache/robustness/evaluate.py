@@ -17,7 +17,7 @@ from molt_cache.cache.reader import CacheSplit, open_cache
 from molt_cache.cache.store import PLACEMENTS, FeatureStore, choose_placement, make_batches
 from molt_cache.finite import scan_split
 from molt_cache.perturb import MissingTable, make_perturb
-from molt_cache.train import check_run_matches_cache, evaluate, load_run, resolve_device
+from molt_cache.train import check_run_matches_cache, check_run_trained, evaluate, load_run, resolve_device
 from molt_cache.validate import COUNT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, Range, check_numbers
 
 LEVELS = ("feature", "input")
@@ -141,7 +141,9 @@ class SplitStores:
     once per split). A split evaluated under feature-level conditions (`keep`) is loaded once and
     shared by every run and condition; an input-level split (its own perturbed cache) is held only
     until the next one comes, so memory holds at most two splits. `stream` (or a split that fits
-    nowhere) reads from disk per batch."""
+    nowhere) reads from disk per batch. Every split is refused if it holds inf/NaN (an older or
+    altered cache) when first loaded: the store checks each block as it reads it, a streamed split
+    is read through once (`scan_split`)."""
 
     def __init__(self, store: str, device, log: Callable[[str], None]):
         self.store, self.device, self.log = store, device, log
@@ -157,7 +159,11 @@ class SplitStores:
         self.last = None  # free the previous input-level split before loading another
         placement, line = choose_placement([split], self.store, self.device)
         self.log(f"{split.reader.path} split {split.name!r}: {line}")
-        store = None if placement.text == "stream" else FeatureStore([split], placement, self.device)
+        if placement.text == "stream":
+            scan_split(split)
+            store = None
+        else:
+            store = FeatureStore([split], placement, self.device, check_finite=True)
         if keep:
             self.kept[key] = store
         else:
@@ -178,13 +184,14 @@ def run_robustness(cfg: RobustnessConfig, *, log: Callable[[str], None] = print,
     stores = SplitStores("host" if cfg.in_memory else cfg.store, device, log)
     rows = []
     conds = conditions(cfg)
+    for run in cfg.runs:  # every run refused before any work if one finished no training epoch
+        check_run_trained(run)
     for run in cfg.runs:
         heads, heads_cfg, train_cfg, config = load_run(run, device)
         cache_path = Path(cfg.cache or train_cfg.cache[0])
         reader = open_cache(cache_path)
         check_run_matches_cache(config, reader)
         label = f"{heads_cfg.model}" + (f" -{'-'.join(heads_cfg.ablate)}" if heads_cfg.ablate else "")
-        scan_split(reader.split(cfg.split))  # refuse inf/NaN features (an older or altered cache): one read
         for cond in conds:
             split = reader.split(cfg.split)
             perturb = None
