@@ -24,6 +24,7 @@ def robustness(
     device: Annotated[str, typer.Option(help="auto (CUDA if available, else CPU) | cpu | cuda | cuda:N")] = "auto",
     store: Annotated[str, typer.Option(help="Where the evaluated split's features live, as in train-heads: auto (the fastest that fits) | device | host | stream.")] = "auto",
     report_dir: Annotated[str, typer.Option(help="Folder for results.json/csv and plots.")] = "reports/robustness",
+    overwrite: Annotated[bool, typer.Option(help="Replace a report already in --report-dir (refused otherwise).")] = False,
 ):
     """Evaluate trained heads with a modality absent or noised, like the paper's Table 3.
 
@@ -31,7 +32,7 @@ def robustness(
     """
     from cli.progress import ExtractBars
     from molt_cache.robustness.evaluate import run_robustness
-    from molt_cache.robustness.report import ceiling_table, robustness_table, write_report
+    from molt_cache.robustness.report import ceiling_table, check_report_dir, robustness_table, write_report
 
     with user_errors():
         cfg = RobustnessConfig(
@@ -41,9 +42,10 @@ def robustness(
             seed=seed, split=split,
             cache=cache, device=device, store=store, report_dir=report_dir)
         print_config("robustness", cfg)
+        check_report_dir(cfg.report_dir, overwrite)  # before the evaluation, not after it
         with ExtractBars(console) as bars:  # input-level conditions extract perturbed caches
             rows = run_robustness(cfg, log=console.print, extract_callbacks=bars.callbacks())
-        paths = write_report(rows, cfg.report_dir, dataclasses.asdict(cfg))
+        paths = write_report(rows, cfg.report_dir, dataclasses.asdict(cfg), overwrite=overwrite)
     console.print(robustness_table(rows, title=f"Robustness on {split} (seed {seed})"))
     ceilings = ceiling_table(rows)
     if ceilings is not None:  # text-only / image-only runs given: the fused models' drop against them

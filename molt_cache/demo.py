@@ -129,7 +129,8 @@ def run_demo(cfg: DemoConfig, *, log: Callable[[str], None] = print,
                                extract_callbacks=extract_callbacks)
         rows += [r for r in empty if r["condition"] != "clean"]
     seconds["robustness"] = time.perf_counter() - t
-    files = write_report(rows, report_dir, {"demo": asdict(cfg), "seconds": seconds})
+    # the demo's own folder, rewritten from the same runs on every rerun (same seed: same numbers)
+    files = write_report(rows, report_dir, {"demo": asdict(cfg), "seconds": seconds}, overwrite=True)
     return DemoResult(cache, runs, report_dir, rows, seconds, files)
 
 

@@ -148,10 +148,26 @@ def test_input_level_reuses_its_perturbed_cache(work, tmp_path):
             "--noise-on", "image", "--device", "cpu", "--report-dir", tmp_path / "rep"]
     first = molt(*args)
     assert "extracting input-level cache" in first
-    second = molt(*args)
+    second = molt(*args, "--overwrite")  # a report is there now: replacing it is asked for
     assert "reusing input-level cache" in second and "extracting input-level cache" not in second
     a = json.loads((tmp_path / "rep" / "results.json").read_text())
     assert len(a) == 2 and a[1]["level"] == "input"
+
+
+def test_an_existing_report_is_not_overwritten_without_asking(work, tmp_path):
+    rep = tmp_path / "rep"
+    args = ["robustness", "--run", str(work / "molt"), "--noise", "0.05", "--missing", "none", "--level", "feature",
+            "--device", "cpu", "--report-dir", str(rep)]
+    assert runner.invoke(app, args).exit_code == 0
+    before = (rep / "results.json").read_bytes()
+    again = runner.invoke(app, [*args[:4], "0.2", *args[5:]])  # another noise level into the same folder
+    assert again.exit_code == 2, again.output
+    assert "already holds a robustness report" in again.output and "--overwrite" in again.output
+    assert "noise 20%" not in again.output  # refused before evaluating anything
+    assert (rep / "results.json").read_bytes() == before
+    replaced = runner.invoke(app, [*args[:4], "0.2", *args[5:], "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert [r["noise"] for r in json.loads((rep / "results.json").read_text())] == [0.0, 0.2]
 
 
 def test_run_is_refused_on_a_cache_from_other_encoders(work, tmp_path):

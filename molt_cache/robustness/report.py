@@ -98,8 +98,22 @@ def ceiling_table(rows: list[dict], metric: str = "accuracy") -> Table | None:
     return table
 
 
-def write_report(rows: list[dict], report_dir: str | Path, config: dict) -> dict[str, Path]:
-    """Write results.json, results.csv, config.json and one PNG per metric; return their paths."""
+def check_report_dir(report_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse a folder that already holds a report (results.json) unless `overwrite`: a second
+    `molt robustness` into the default folder would otherwise replace the first one's results.
+    Call it before evaluating, so the refusal comes before minutes of work.
+    Raises FileExistsError naming the folder and the two ways out."""
+    results = Path(report_dir) / "results.json"
+    if results.exists() and not overwrite:
+        raise FileExistsError(f"{report_dir} already holds a robustness report ({results.name}); choose another "
+                              "--report-dir, or pass --overwrite to replace it (its input-level caches are reused)")
+
+
+def write_report(rows: list[dict], report_dir: str | Path, config: dict, *,
+                 overwrite: bool = False) -> dict[str, Path]:
+    """Write results.json, results.csv, config.json and one PNG per metric; return their paths.
+    An existing report in `report_dir` is replaced only with `overwrite` (`check_report_dir`)."""
+    check_report_dir(report_dir, overwrite)
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "csv": out / "results.csv", "config": out / "config.json"}
