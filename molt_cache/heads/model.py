@@ -306,7 +306,7 @@ def build_heads(cfg: HeadsConfig, dims: FeatureDims) -> nn.Module:
         raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.model != "molt" and ablate:
         raise ValueError(f"ablations {sorted(ablate)} apply to model 'molt' only; the "
-                         f"{cfg.model} heads have no MoLT, FBP, M or CCA (use model='molt' or ablate=[])")
+                         f"{cfg.model} heads have no MoLT, FBP, M or CCA (use --model molt, or drop --ablate)")
     if cfg.model == "baseline":
         return BaselineHeads(cfg, dims)
     if cfg.model in ("text-only", "image-only"):
