@@ -21,10 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from molt_cache.batch import FeatureBatch
-from molt_cache.cache.store import FeatureStore, choose_placement, make_batches
+from molt_cache.cache.store import FeatureStore, choose_placement, make_batches, open_store
 from molt_cache.cache.reader import CacheReader, check_compatible, open_cache
 from molt_cache.config import HeadsConfig, TrainConfig, from_dict, to_dict
-from molt_cache.finite import StepGuard, check_step, scan_split
+from molt_cache.finite import StepGuard, check_step
 from molt_cache.heads.model import FeatureDims, build_heads
 from molt_cache.losses.task import task_loss
 from molt_cache.metrics import compute_metrics, primary_metric
@@ -395,17 +395,10 @@ def train_heads(cfg: TrainConfig, heads_cfg: HeadsConfig, *,
     stores: dict[int, FeatureStore | None] = {}
     for split_list in (train_splits, val_splits, test_splits):
         if split_list:
-            # val and test are only scored: inf/NaN there is refused now, before any training (the
-            # store checks while loading; a streamed split is read through once, block by block);
-            # the train split's are caught per step by the StepGuard
-            scored = split_list is not train_splits
-            if placement.text == "stream":
-                stores[id(split_list)] = None
-                if scored:
-                    for split in split_list:
-                        scan_split(split)
-            else:
-                stores[id(split_list)] = FeatureStore(split_list, placement, device, check_finite=scored)
+            # val and test are only scored: inf/NaN there is refused now, before any training; the
+            # train split's are caught per step by the StepGuard
+            stores[id(split_list)] = open_store(split_list, placement, device,
+                                                check_finite=split_list is not train_splits)
 
     def loader(split_list, *, shuffle: bool, epoch: int = 0, perturb_fn=None):
         return make_batches(split_list, store=stores[id(split_list)], batch_size=cfg.batch_size,

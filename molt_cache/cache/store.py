@@ -447,6 +447,22 @@ class StoreLoader:
         return self._make(k)
 
 
+def open_store(splits: list[CacheSplit], placement: Placement, device: torch.device, *,
+               check_finite: bool = False) -> FeatureStore | None:
+    """The splits' FeatureStore for `placement`, or None where they stream from disk.
+    check_finite: refuse inf/NaN (molt_cache.finite.check_block) before any work: the store checks
+    each part as it loads it; a streamed split is read through once here (`scan_split`), block by
+    block, since nothing else reads it whole. Raises NonFiniteError naming array, row and sample."""
+    if "stream" not in (placement.text, placement.image):
+        return FeatureStore(splits, placement, device, check_finite=check_finite)
+    if check_finite:
+        from molt_cache.finite import scan_split
+
+        for split in splits:
+            scan_split(split)
+    return None
+
+
 def make_batches(splits: list[CacheSplit], *, store: FeatureStore | None = None, batch_size: int,
                  shuffle: bool, seed: int, epoch: int, pairs_per_image: int = 0,
                  perturb: Callable[[FeatureBatch], FeatureBatch] | None = None, num_workers: int = 0,

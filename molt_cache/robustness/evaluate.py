@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 from molt_cache.cache.reader import CacheSplit, open_cache
-from molt_cache.cache.store import PLACEMENTS, FeatureStore, choose_placement, make_batches
-from molt_cache.finite import scan_split
+from molt_cache.cache.store import PLACEMENTS, FeatureStore, choose_placement, make_batches, open_store
 from molt_cache.perturb import MissingTable, make_perturb
 from molt_cache.train import check_run_matches_cache, check_run_trained, evaluate, load_run, resolve_device
 from molt_cache.validate import COUNT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, Range, check_numbers
@@ -143,7 +142,7 @@ class SplitStores:
     until the next one comes, so memory holds at most two splits. `stream` (or a split that fits
     nowhere) reads from disk per batch. Every split is refused if it holds inf/NaN (an older or
     altered cache) when first loaded: the store checks each block as it reads it, a streamed split
-    is read through once (`scan_split`)."""
+    is read through once (`open_store`)."""
 
     def __init__(self, store: str, device, log: Callable[[str], None]):
         self.store, self.device, self.log = store, device, log
@@ -159,11 +158,7 @@ class SplitStores:
         self.last = None  # free the previous input-level split before loading another
         placement, line = choose_placement([split], self.store, self.device)
         self.log(f"{split.reader.path} split {split.name!r}: {line}")
-        if placement.text == "stream":
-            scan_split(split)
-            store = None
-        else:
-            store = FeatureStore([split], placement, self.device, check_finite=True)
+        store = open_store([split], placement, self.device, check_finite=True)
         if keep:
             self.kept[key] = store
         else:
@@ -187,7 +182,7 @@ def run_robustness(cfg: RobustnessConfig, *, log: Callable[[str], None] = print,
     for run in cfg.runs:  # every run refused before any work if one finished no training epoch
         check_run_trained(run)
     for run in cfg.runs:
-        heads, heads_cfg, train_cfg, config = load_run(run, device)
+        heads, heads_cfg, train_cfg, config = load_run(run, device, require_trained=False)  # checked above
         cache_path = Path(cfg.cache or train_cfg.cache[0])
         reader = open_cache(cache_path)
         check_run_matches_cache(config, reader)
