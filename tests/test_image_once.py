@@ -10,7 +10,7 @@ from molt_cache.batch import FeatureBatch, MostPairs
 from molt_cache.config import HeadsConfig
 from molt_cache.heads import ABLATIONS, FeatureDims, build_heads
 from molt_cache.heads.molt import pair_slots
-from molt_cache.losses.task import task_loss
+from _heads_step import assert_same_step, step
 
 torch.set_num_threads(1)
 
@@ -52,31 +52,11 @@ def dedup_batch(b=9, u=3, tt=5, ti=6, seed=0, dtype=torch.float64, rows=None,
         image_rows=(torch.arange(b) * 2) % u if rows is None else torch.tensor(rows))
 
 
-def run(heads, batch, strategy="zero"):
-    heads.zero_grad(set_to_none=True)
-    out = heads(batch, missing_strategy=strategy)
-    loss = task_loss(out.logits, batch.targets, False)
-    if out.cca_loss is not None:
-        loss = loss + 0.1 * out.cca_loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in heads.named_parameters() if p.grad is not None}
-    return out, grads
-
-
 def assert_same(heads, batch, strategy="zero", tol=1e-10, grad_rtol=None):
-    once, g_once = run(heads, batch, strategy)
-    pairs, g_pairs = run(heads, batch.per_pair(), strategy)
-    torch.testing.assert_close(once.logits, pairs.logits, rtol=tol, atol=tol)
-    if pairs.cca_loss is not None:
-        torch.testing.assert_close(once.cca_loss, pairs.cca_loss, rtol=tol, atol=tol)
-    for a, b in zip(once.common, pairs.common):
-        for f in ("image", "text", "image_proj", "text_proj"):
-            torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=tol, atol=tol)
-    assert g_once.keys() == g_pairs.keys() and g_once
-    for name in g_pairs:
-        scale = float(g_pairs[name].abs().max())  # relative to the gradient's own size
-        torch.testing.assert_close(g_once[name], g_pairs[name], rtol=0,
-                                   atol=max(tol, (grad_rtol or tol) * scale), msg=name)
+    once, g_once = step(heads, batch, strategy)
+    pairs, g_pairs = step(heads, batch.per_pair(), strategy)
+    # gradients relative to their own size
+    assert_same_step(once, g_once, pairs, g_pairs, tol=tol, grad_atol=lambda scale: max(tol, (grad_rtol or tol) * scale))
 
 
 def heads_for(**kw):

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from _heads_step import assert_same_step, step
 from molt_cache.batch import FeatureBatch
 from molt_cache.config import HeadsConfig
 from molt_cache.heads import FeatureDims, build_heads
 from molt_cache.heads import molt as molt_layer
-from molt_cache.losses.task import task_loss
 from molt_cache.perturb import missing
 
 torch.set_num_threads(1)
@@ -57,29 +57,13 @@ def heads_for(model="molt", ablate=(), seed=0):
 def run(heads, batch, strategy, monkeypatch, pack: bool):
     # PACK_BELOW 1.0: always pack (any padding); -1: never
     monkeypatch.setattr(molt_layer, "PACK_BELOW", 1.0 if pack else -1.0)
-    heads.zero_grad(set_to_none=True)
-    out = heads(batch, missing_strategy=strategy)
-    loss = task_loss(out.logits, batch.targets, False)
-    if out.cca_loss is not None:
-        loss = loss + 0.1 * out.cca_loss
-    loss.backward()
-    return out, {n: p.grad.clone() for n, p in heads.named_parameters() if p.grad is not None}
+    return step(heads, batch, strategy)
 
 
 def assert_packing_changes_nothing(heads, batch, monkeypatch, strategy="zero", tol=1e-10):
     packed, g_packed = run(heads, batch, strategy, monkeypatch, pack=True)
     padded, g_padded = run(heads, batch, strategy, monkeypatch, pack=False)
-    torch.testing.assert_close(packed.logits, padded.logits, rtol=tol, atol=tol)
-    if padded.cca_loss is not None:
-        torch.testing.assert_close(packed.cca_loss, padded.cca_loss, rtol=tol, atol=tol)
-    for a, b in zip(packed.common, padded.common):
-        for f in ("image", "text", "image_proj", "text_proj"):
-            torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=tol, atol=tol)
-    assert g_packed.keys() == g_padded.keys() and g_padded
-    for name in g_padded:
-        scale = float(g_padded[name].abs().max())
-        torch.testing.assert_close(g_packed[name], g_padded[name], rtol=0, atol=tol * max(1.0, scale),
-                                   msg=name)
+    assert_same_step(packed, g_packed, padded, g_padded, tol=tol, grad_atol=lambda scale: tol * max(1.0, scale))
 
 
 def test_real_token_rows_are_the_flat_real_positions():
